@@ -1,0 +1,10 @@
+"""Solvers that compose the manifold layer: weighted Karcher / Fréchet means."""
+
+from manifold_merge.solvers.karcher import (
+    KarcherResult,
+    KarcherSolver,
+    karcher_mean,
+    validate_weights,
+)
+
+__all__ = ["KarcherResult", "KarcherSolver", "karcher_mean", "validate_weights"]
