@@ -50,17 +50,21 @@ def safe_norm(x: Array) -> Array:
     """Euclidean norm over all axes with a zero (not NaN) gradient at ``x = 0``.
 
     The "double where": the norm of 0 is differentiated through a dummy value, so no 0/0
-    reaches the backward pass.
+    reaches the backward pass. NaN inputs give NaN.
     """
     sq = jnp.sum(jnp.square(x))
     positive = sq > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+    # sq itself where it is not positive: 0 stays 0 and NaN stays NaN (never swallowed).
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), sq)
 
 
 def safe_div(num: Array, den: Array, default: Array | float) -> Array:
-    """``num / den`` where ``den > 0``, ``default`` elsewhere, with finite gradients."""
-    positive = den > 0
-    return jnp.where(positive, num / jnp.where(positive, den, 1.0), default)
+    """``num / den``, or ``default`` where ``den == 0``, with finite gradients there.
+
+    NaN in ``den`` propagates (it is not replaced by the default).
+    """
+    zero = den == 0
+    return jnp.where(zero, default, num / jnp.where(zero, 1.0, den))
 
 
 def sphere_angle(x: Array, y: Array, d: Array | None = None) -> Array:
@@ -105,7 +109,7 @@ class AbstractManifold(abc.ABC):
         """Riemannian norm sqrt(g_x(v, v)), with a finite gradient at ``v = 0``."""
         sq = self.inner(x, v, v)
         positive = sq > 0
-        return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+        return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), sq)
 
     @abc.abstractmethod
     def proj(self, x: Point, u: Tangent) -> Tangent:

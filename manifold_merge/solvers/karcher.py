@@ -25,8 +25,11 @@ class KarcherSolver:
             (default 1e-7: radians on a sphere of any radius; relative change for Euclidean
             space and the norm factor of ``NormSphere``). Coordinate changes are never used:
             they are gauge-dependent on quotients and stop early for close inputs. The float32
-            rounding floor of the gradient is a few 1e-8 rad, so 1e-7 is reachable in float32;
-            with float64 inputs use 1e-12 or so.
+            rounding floor of the gradient is about 1e-7 rad (one eps), so a tolerance at or
+            below it is met by the floor rule: the iteration also stops, converged, once the
+            gradient is below ``FLOOR_EPS`` (32) x eps of the compute dtype and has made
+            no new low for two steps, as no iteration can do better there. With float64
+            inputs use 1e-12 or so.
         step_size: geodesic damping eta in (0, 1] (default 1.0, the classic iteration, which
             converges linearly and fast for points in a hemisphere). Smaller is more robust for
             widely spread points and slower.
@@ -47,6 +50,11 @@ class KarcherSolver:
 
 jax.tree_util.register_static(KarcherSolver)
 
+#: The rounding-floor rule: a gradient below FLOOR_EPS * eps that made no new low for
+#: FLOOR_PATIENCE steps counts as converged (see ``KarcherSolver.tol``).
+FLOOR_EPS = 32
+FLOOR_PATIENCE = 2
+
 
 class KarcherResult(NamedTuple):
     """Outcome of :func:`karcher_mean`.
@@ -55,7 +63,8 @@ class KarcherResult(NamedTuple):
         mean: the final iterate, a point in the dtype of the inputs.
         num_steps: iterations taken (int32).
         grad_norm: relative norm of the Riemannian gradient at ``mean`` (what ``tol`` bounds).
-        converged: True only if ``grad_norm <= tol``, everything is finite, the weights are
+        converged: True only if ``grad_norm <= tol`` (or the gradient sits at the float
+            rounding floor, see :class:`KarcherSolver`), everything is finite, the weights are
             valid, and every input with positive weight lies within the manifold's uniqueness
             radius of ``mean`` (so ``mean`` is certified to be the unique weighted mean; on a
             sphere: all inputs in the open hemisphere around it). Antipodal and other undefined
@@ -73,6 +82,8 @@ class _State(NamedTuple):
     grad: Any
     grad_norm: jax.Array
     num_steps: jax.Array
+    best: jax.Array  # smallest grad_norm seen so far
+    stalls: jax.Array  # steps since grad_norm last reached a new smallest value
 
 
 def _num_points(points) -> int:
@@ -211,10 +222,16 @@ def _karcher_mean(manifold, points, weights, init, solver):
     def finite(tree):
         return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
+    floor = FLOOR_EPS * jnp.finfo(dtype).eps
+
+    def small_enough(state):
+        at_floor = (state.stalls >= FLOOR_PATIENCE) & (state.grad_norm <= floor)
+        return (state.grad_norm <= solver.tol) | at_floor
+
     def cond(state):
         return (
             (state.num_steps < solver.max_steps)
-            & (state.grad_norm > solver.tol)
+            & ~small_enough(state)
             & jnp.isfinite(state.grad_norm)
             & weights_ok
         )
@@ -223,15 +240,18 @@ def _karcher_mean(manifold, points, weights, init, solver):
         step = jax.tree.map(lambda g: solver.step_size * g, state.grad)
         x = manifold.exp(state.x, step)
         g, r = gradient(x)
-        return _State(x, g, r, state.num_steps + 1)
+        improved = r < state.best
+        stalls = jnp.where(improved, 0, state.stalls + 1)
+        return _State(x, g, r, state.num_steps + 1, jnp.minimum(r, state.best), stalls)
 
-    state = jax.lax.while_loop(cond, body, _State(x0, g0, r0, jnp.asarray(0, jnp.int32)))
+    zero = jnp.asarray(0, jnp.int32)
+    state = jax.lax.while_loop(cond, body, _State(x0, g0, r0, zero, r0, zero))
 
     in_ball = jax.vmap(manifold.within_uniqueness_radius, in_axes=(None, 0))(state.x, points)
     certified = jnp.all(in_ball | ~mask)
     converged = (
         weights_ok
-        & (state.grad_norm <= solver.tol)
+        & small_enough(state)
         & jnp.isfinite(state.grad_norm)
         & finite(state.x)
         & certified

@@ -1,0 +1,37 @@
+"""Shared fixtures. Every run draws fresh random inputs from one seed, printed in the header;
+re-run a failure with ``MM_TEST_SEED=<seed> pytest ...``."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SEED = int(os.environ.get("MM_TEST_SEED", secrets.randbelow(2**31)))
+
+
+def pytest_report_header(config):
+    return f"manifold_merge test seed: MM_TEST_SEED={SEED}"
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A per-test seed derived from the session seed and the test's name."""
+    return (SEED + sum(map(ord, request.node.nodeid)) * 7919) % (2**31)
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def key(seed) -> jax.Array:
+    return jax.random.key(seed)
