@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -258,7 +258,11 @@ def check_vmap(m, key, dtype, num=4, **_):
     """vmap(op) equals a Python loop over the batch for exp, log, dist."""
     xs, ys, us, _ = _draws(m, key, dtype, num)
     tol = tolerance(dtype)
-    for name, fn, args in [("exp", m.exp, (xs, us)), ("log", m.log, (xs, ys)), ("dist", m.dist, (xs, ys))]:
+    for name, fn, args in [
+        ("exp", m.exp, (xs, us)),
+        ("log", m.log, (xs, ys)),
+        ("dist", m.dist, (xs, ys)),
+    ]:
         batched = jax.vmap(fn)(*args)
         looped = _each(fn, *args)
         looped = jax.tree.map(lambda *a: jnp.stack(a), *looped)
@@ -358,4 +362,6 @@ def check_manifold(
             try:
                 run_axiom(manifold, name, key=key, dtype=dtype, **options)
             except AssertionError as err:
-                raise AssertionError(f"{manifold!r} fails axiom {name!r} in {dtype}: {err}") from err
+                raise AssertionError(
+                    f"{manifold!r} fails axiom {name!r} in {dtype}: {err}"
+                ) from err

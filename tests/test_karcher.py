@@ -67,7 +67,9 @@ def test_two_points_give_the_geodesic_point(rng, t):
 def test_radius_is_honoured(rng):
     pts = 4.0 * random_cluster(rng, 3, 20, 0.5)
     w = rng.uniform(0.2, 1.0, 3)
-    res = mm.karcher_mean(mm.Sphere(19, radius=4.0), jnp.asarray(pts, jnp.float32), w, solver=SOLVER32)
+    res = mm.karcher_mean(
+        mm.Sphere(19, radius=4.0), jnp.asarray(pts, jnp.float32), w, solver=SOLVER32
+    )
     assert bool(res.converged)
     assert abs(np.linalg.norm(np.asarray(res.mean, np.float64)) - 4.0) < 1e-5
     assert angle(res.mean, sphere_karcher(pts, w)) < 1e-6
@@ -78,7 +80,9 @@ def test_symmetric_ring_has_the_pole_as_mean(rng):
     # below pi/2, whatever rotation is applied to the whole configuration.
     k, phi = 7, 1.1
     az = 2 * np.pi * np.arange(k) / k + rng.uniform(0, 2 * np.pi)
-    ring = np.stack([np.sin(phi) * np.cos(az), np.sin(phi) * np.sin(az), np.full(k, np.cos(phi))], 1)
+    ring = np.stack(
+        [np.sin(phi) * np.cos(az), np.sin(phi) * np.sin(az), np.full(k, np.cos(phi))], 1
+    )
     q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
     res = mm.karcher_mean(mm.Sphere(2), jnp.asarray(ring @ q.T, jnp.float32), solver=SOLVER32)
     assert bool(res.converged)
@@ -240,8 +244,10 @@ def test_bad_weights_raise_clear_errors(weights, match):
 
 def test_bad_points_raise_clear_errors():
     with pytest.raises(ValueError, match="leading expert axis"):
-        mm.karcher_mean(mm.ProductManifold({"a": mm.Sphere(2), "b": mm.Sphere(2)}),
-                        {"a": jnp.eye(3), "b": jnp.eye(3)[:2]})
+        mm.karcher_mean(
+            mm.ProductManifold({"a": mm.Sphere(2), "b": mm.Sphere(2)}),
+            {"a": jnp.eye(3), "b": jnp.eye(3)[:2]},
+        )
     with pytest.raises(TypeError, match="floating point"):
         mm.karcher_mean(mm.Euclidean(3), jnp.ones((2, 3), jnp.int32))
     with pytest.raises(TypeError, match="AbstractManifold"):
@@ -272,8 +278,9 @@ def test_max_steps_exhausted_is_not_converged(rng):
 def test_tolerance_below_the_rounding_floor_converges_at_the_floor(rng):
     pts = random_cluster(rng, 6, 2000, 0.8)
     w = rng.uniform(0.1, 1.0, 6)
-    res = mm.karcher_mean(mm.Sphere(1999), jnp.asarray(pts, jnp.float32), w,
-                          solver=mm.KarcherSolver(tol=0.0))
+    res = mm.karcher_mean(
+        mm.Sphere(1999), jnp.asarray(pts, jnp.float32), w, solver=mm.KarcherSolver(tol=0.0)
+    )
     assert bool(res.converged) and int(res.num_steps) < 100
     assert float(res.grad_norm) < 32 * np.finfo(np.float32).eps
     assert angle(res.mean, sphere_karcher(pts, w)) < 1e-6
@@ -285,7 +292,10 @@ def test_damped_steps_and_custom_init_reach_the_same_mean(rng):
     s = mm.Sphere(79)
     ref = sphere_karcher(pts, w)
     res = mm.karcher_mean(
-        s, jnp.asarray(pts, jnp.float32), w, solver=mm.KarcherSolver(step_size=0.5, tol=1e-7),
+        s,
+        jnp.asarray(pts, jnp.float32),
+        w,
+        solver=mm.KarcherSolver(step_size=0.5, tol=1e-7),
         init=jnp.asarray(pts[2], jnp.float32),
     )
     assert bool(res.converged) and int(res.num_steps) > 5
@@ -310,8 +320,12 @@ def test_product_mean_is_the_tuple_of_factor_means(rng):
     euc = rng.standard_normal((4, 3))
     w = rng.uniform(0.1, 1.0, 4)
     m = mm.ProductManifold({"w": mm.Sphere(11), "b": mm.Euclidean(3)})
-    res = mm.karcher_mean(m, {"w": jnp.asarray(sph, jnp.float32), "b": jnp.asarray(euc, jnp.float32)}, w,
-                          solver=SOLVER32)
+    res = mm.karcher_mean(
+        m,
+        {"w": jnp.asarray(sph, jnp.float32), "b": jnp.asarray(euc, jnp.float32)},
+        w,
+        solver=SOLVER32,
+    )
     assert bool(res.converged)
     assert angle(res.mean["w"], sphere_karcher(sph, w)) < 1e-6
     np.testing.assert_allclose(np.asarray(res.mean["b"]), (w / w.sum()) @ euc, atol=1e-6)
@@ -324,7 +338,9 @@ def test_norm_sphere_mean_is_direction_mean_times_norm_mean(rng, rule):
     w = rng.uniform(0.1, 1.0, 5)
     wn = w / w.sum()
     pts = dirs * norms[:, None]
-    res = mm.karcher_mean(mm.NormSphere(300, rule), jnp.asarray(pts, jnp.float32), w, solver=SOLVER32)
+    res = mm.karcher_mean(
+        mm.NormSphere(300, rule), jnp.asarray(pts, jnp.float32), w, solver=SOLVER32
+    )
     assert bool(res.converged)
     mean = np.asarray(res.mean, np.float64)
     expected_norm = wn @ norms if rule == "arithmetic" else np.exp(wn @ np.log(norms))
@@ -335,8 +351,12 @@ def test_norm_sphere_mean_is_direction_mean_times_norm_mean(rng, rule):
 def test_norm_sphere_two_experts_is_rescaled_slerp(rng):
     a, b = random_cluster(rng, 2, 50, 1.0)
     na, nb, t = 3.0, 11.0, 0.3
-    res = mm.karcher_mean(mm.NormSphere(50), jnp.asarray(np.stack([na * a, nb * b]), jnp.float32),
-                          [1 - t, t], solver=SOLVER32)
+    res = mm.karcher_mean(
+        mm.NormSphere(50),
+        jnp.asarray(np.stack([na * a, nb * b]), jnp.float32),
+        [1 - t, t],
+        solver=SOLVER32,
+    )
     expected = ((1 - t) * na + t * nb) * slerp_np(a, b, t)
     np.testing.assert_allclose(np.asarray(res.mean), expected, rtol=1e-5, atol=1e-5)
 

@@ -60,7 +60,9 @@ class FisherRao(AbstractManifold):
     @staticmethod
     def _dphi_diff(p, q):
         """phi(q) - phi(p) = 2 (q - p) / (sqrt(p) + sqrt(q)), exact to rounding for close p, q."""
-        return safe_div(2.0 * (q - p), jnp.sqrt(jnp.maximum(p, 0.0)) + jnp.sqrt(jnp.maximum(q, 0.0)), 0.0)
+        return safe_div(
+            2.0 * (q - p), jnp.sqrt(jnp.maximum(p, 0.0)) + jnp.sqrt(jnp.maximum(q, 0.0)), 0.0
+        )
 
     @staticmethod
     def _dphi(p, u):  # differential of phi: u / sqrt(p)

@@ -121,4 +121,3 @@ class ProductManifold(AbstractManifold):
 
     def init_mean(self, points, weights):
         return self._map(lambda m, p: m.init_mean(p, weights), points)
-
