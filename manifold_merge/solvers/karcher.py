@@ -66,9 +66,9 @@ class KarcherResult(NamedTuple):
         converged: True only if ``grad_norm <= tol`` (or the gradient sits at the float
             rounding floor, see :class:`KarcherSolver`), everything is finite, the weights are
             valid, and every input with positive weight lies within the manifold's uniqueness
-            radius of ``mean`` (so ``mean`` is certified to be the unique weighted mean; on a
-            sphere: all inputs in the open hemisphere around it). Antipodal and other undefined
-            configurations therefore come back with ``converged=False``.
+            radius of ``mean`` or of the inputs' unweighted centre (so ``mean`` is certified to
+            be the unique weighted mean; on a sphere: all inputs in one open hemisphere).
+            Antipodal and other undefined configurations come back with ``converged=False``.
     """
 
     mean: Any
@@ -247,8 +247,16 @@ def _karcher_mean(manifold, points, weights, init, solver):
     zero = jnp.asarray(0, jnp.int32)
     state = jax.lax.while_loop(cond, body, _State(x0, g0, r0, zero, r0, zero))
 
-    in_ball = jax.vmap(manifold.within_uniqueness_radius, in_axes=(None, 0))(state.x, points)
-    certified = jnp.all(in_ball | ~mask)
+    # Afsari (2011): if all inputs lie in an open ball of the manifold's uniqueness radius, the
+    # weighted mean is unique for every weighting, and lies in that ball. Two centres are tried:
+    # the result itself, and the unweighted centre of the inputs (which certifies e.g. two
+    # points with very unequal weights, where the mean sits far from the lighter one).
+    def all_in_ball(centre):
+        inside = jax.vmap(manifold.within_uniqueness_radius, in_axes=(None, 0))(centre, points)
+        return jnp.all(inside | ~mask)
+
+    centre = manifold.init_mean(points, mask / jnp.maximum(jnp.sum(mask), 1))
+    certified = all_in_ball(state.x) | all_in_ball(centre)
     converged = (
         weights_ok
         & small_enough(state)
