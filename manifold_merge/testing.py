@@ -101,11 +101,11 @@ def _each(fn, *trees):
 
 
 # ------------------------------------------------------------------------------- axioms
-def check_belongs(m, key, dtype, num=8, **_):
+def check_belongs(m, key, dtype, num=8, step=None, **_):
     """random_point belongs; exp of a random tangent belongs; random_tangent is tangent."""
     xs, _, us, _ = _draws(m, key, dtype, num)
     assert bool(jnp.all(jax.vmap(m.belongs)(xs))), "random_point does not belong"
-    ys = jax.vmap(m.exp)(xs, jax.vmap(lambda x, u: _scale(m, x, u, 0.3))(xs, us))
+    ys = jax.vmap(m.exp)(xs, jax.vmap(lambda x, u: _scale(m, x, u, _step(m, x, step)))(xs, us))
     assert bool(jnp.all(jax.vmap(m.belongs)(ys))), "exp(x, v) does not belong"
     _leaves_close(jax.vmap(m.proj)(xs, us), us, tolerance(dtype), "random_tangent not tangent")
 

@@ -32,6 +32,11 @@ def fisher_rao_far_pair(key, dtype):
     return p, q
 
 
+def norm_sphere_step(x):
+    """Arithmetic norm rule: the norm factor is a half-line, so keep |a| < ||x||."""
+    return 0.5 * jnp.minimum(1.0, jnp.linalg.norm(x))
+
+
 def norm_sphere_far_pair(key, dtype):
     kx, kr = jax.random.split(key)
     m = NormSphere(5)
@@ -46,10 +51,10 @@ CASES = {
     "sphere_r3_dim1": (Sphere(1, radius=3.0), {}),
     "sphere_big": (Sphere(999, radius=0.5), {}),
     "fisher_rao": (FisherRao(6), {"step": fisher_rao_step, "far_pair": fisher_rao_far_pair}),
-    "norm_sphere": (NormSphere(5), {"far_pair": norm_sphere_far_pair}),
+    "norm_sphere": (NormSphere(5), {"far_pair": norm_sphere_far_pair, "step": norm_sphere_step}),
     "norm_sphere_geometric": (NormSphere(7, "geometric"), {"far_pair": norm_sphere_far_pair}),
     "product": (
-        ProductManifold({"w": Sphere(3), "b": Euclidean(2), "n": [NormSphere(4)]}),
+        ProductManifold({"w": Sphere(3), "b": Euclidean(2), "n": [NormSphere(4, "geometric")]}),
         {},
     ),
 }
