@@ -260,6 +260,8 @@ def test_bad_points_raise_clear_errors():
             mm.ProductManifold({"a": mm.Sphere(2), "b": mm.Sphere(2)}),
             {"a": jnp.eye(3), "b": jnp.eye(3)[:2]},
         )
+    with pytest.raises(TypeError, match="stack them"):
+        mm.karcher_mean(mm.Sphere(2), [jnp.eye(3)[0], jnp.eye(3)[1]])
     with pytest.raises(TypeError, match="floating point"):
         mm.karcher_mean(mm.Euclidean(3), jnp.ones((2, 3), jnp.int32))
     with pytest.raises(TypeError, match="AbstractManifold"):

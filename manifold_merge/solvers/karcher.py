@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from manifold_merge.manifolds.base import AbstractManifold, compute_dtype
+from manifold_merge.manifolds.product import ProductManifold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +174,11 @@ def karcher_mean(
         raise TypeError(f"karcher_mean needs an AbstractManifold, got {type(manifold).__name__}")
     if not isinstance(solver, KarcherSolver):
         raise TypeError(f"solver must be a KarcherSolver, got {type(solver).__name__}")
+    if isinstance(points, list) and not isinstance(manifold, ProductManifold):
+        raise TypeError(
+            f"karcher_mean got a list of {len(points)} points; stack them along a leading "
+            "axis first: karcher_mean(manifold, jnp.stack(points), ...)"
+        )
     n = _num_points(points)
     for leaf in jax.tree.leaves(points):
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
