@@ -1,0 +1,314 @@
+"""``merge``: apply a registered method leaf by leaf (block by block) to parameter pytrees."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from manifold_merge.manifolds.base import sphere_angle
+from manifold_merge.merging.registry import REQUIRED, get_method
+
+GRANULARITIES = ("tensor", "row", "column")
+#: Parameters every method accepts, handled here rather than by the block functions.
+COMMON_DEFAULTS = {"granularity": "tensor", "seed": 0}
+
+
+class LeafReport(NamedTuple):
+    """What happened to one leaf.
+
+    Attributes:
+        method: the method applied, or ``"copy"`` for non-float leaves (copied unchanged).
+        shape: the leaf's shape.
+        blocks: number of independent blocks (1 per tensor, one per row or column).
+        num_steps: iterations of the solver (largest over blocks; 0 for closed forms).
+        grad_norm: final relative gradient norm (largest over blocks; 0 for closed forms).
+        converged: every block converged (True for closed forms).
+        norm_ratio: ||merged|| / mean_i ||theta_i|| over the vectors the method averaged
+            (task vectors when a base is used, full weights otherwise).
+        angle_spread: largest pairwise angle (rad) between those vectors, per tensor.
+    """
+
+    method: str
+    shape: tuple
+    blocks: int
+    num_steps: int
+    grad_norm: float
+    converged: bool
+    norm_ratio: float
+    angle_spread: float
+
+
+class MergeResult(NamedTuple):
+    """``params``: the merged pytree; ``report``: leaf name -> :class:`LeafReport`."""
+
+    params: Any
+    report: dict
+
+
+def leaf_name(path) -> str:
+    """'/'-joined keys of a pytree path, e.g. ``Dense_0/kernel``."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _filter_matches(flt: str, name: str) -> bool:
+    if flt.startswith("re:"):
+        return re.search(flt[3:], name) is not None
+    return flt in name
+
+
+def resolve_param(value: Any, name: str, param: str) -> Any:
+    """A parameter's value for leaf ``name``.
+
+    ``value`` is a scalar, or mergekit's list of rules ``[{"filter": "mlp", "value": 0.5},
+    {"value": 0.3}]``: the first rule whose filter matches wins (a substring of the leaf name,
+    or a regular expression after ``re:``); a rule without a filter is the default.
+    """
+    if not isinstance(value, (list, tuple)) or not value or not isinstance(value[0], dict):
+        return value
+    for rule in value:
+        if not isinstance(rule, dict) or "value" not in rule:
+            raise ValueError(f"parameter {param!r}: each rule needs a 'value', got {rule!r}")
+        flt = rule.get("filter")
+        if flt is None or _filter_matches(str(flt), name):
+            return rule["value"]
+    raise ValueError(
+        f"parameter {param!r} has no rule matching tensor {name!r} and no default rule "
+        "(one without 'filter')"
+    )
+
+
+def _check_params(spec, params: dict) -> None:
+    known = {**COMMON_DEFAULTS, **spec.defaults}
+    for key in params:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise TypeError(
+                f"merge method {spec.name!r} has no parameter {key!r}; it takes "
+                f"{sorted(known)}.{hint}"
+            )
+    for key, default in spec.defaults.items():
+        if default is REQUIRED and key not in params:
+            raise TypeError(f"merge method {spec.name!r} needs parameter {key!r}")
+
+
+def _check_weights(spec, weights, n: int) -> np.ndarray:
+    if weights is None:
+        return np.ones(n, np.float64)
+    w = np.asarray(weights, np.float64)
+    if w.shape != (n,):
+        raise ValueError(f"weights must have one entry per model ({n}), got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"weights must be finite, got {w.tolist()}")
+    if not spec.negative_weights and np.any(w < 0):
+        raise ValueError(f"merge method {spec.name!r} needs non-negative weights, got {w.tolist()}")
+    if np.sum(w) == 0 or (not spec.negative_weights and not np.sum(w) > 0):
+        raise ValueError(f"weights must not sum to zero, got {w.tolist()}")
+    return w
+
+
+def _blocks(x: jax.Array, granularity: str) -> jax.Array:
+    """(N, *shape) -> (B, N, D): one block per tensor, per row (axis 0) or per column (last)."""
+    n = x.shape[0]
+    if granularity == "tensor" or x.ndim < 3:  # vectors and scalars are always one block
+        return x.reshape(1, n, -1)
+    if granularity == "row":
+        return jnp.moveaxis(x, 1, 0).reshape(x.shape[1], n, -1)
+    moved = jnp.moveaxis(x, -1, 0)  # column: (C, N, ...)
+    return moved.reshape(moved.shape[0], n, -1)
+
+
+def _unblocks(blocks: jax.Array, shape: tuple, granularity: str) -> jax.Array:
+    if granularity == "tensor" or len(shape) < 2:
+        return blocks.reshape(shape)
+    if granularity == "row":
+        return blocks.reshape(shape)
+    return jnp.moveaxis(blocks.reshape((shape[-1],) + shape[:-1]), 0, -1)
+
+
+@functools.partial(jax.jit, static_argnames=("block_fn", "params"))
+def _run_blocks(block_fn, points, base, weights, keys, params):
+    kwargs = dict(params)
+
+    def one(p, b, k):
+        return block_fn(p, b, weights, k, **kwargs)
+
+    return jax.vmap(one, in_axes=(0, None if base is None else 0, 0))(points, base, keys)
+
+
+def _spread(vectors: jax.Array) -> float:
+    """Largest pairwise angle between rows of (N, D) vectors (0 for N = 1 or zero rows)."""
+    n = vectors.shape[0]
+    norms = jnp.linalg.norm(vectors, axis=1, keepdims=True)
+    units = vectors / jnp.where(norms > 0, norms, 1.0)
+    angles = [
+        float(sphere_angle(units[i], units[j]))
+        for i in range(n)
+        for j in range(i + 1, n)
+        if norms[i, 0] > 0 and norms[j, 0] > 0
+    ]
+    return max(angles, default=0.0)
+
+
+def merge(method: str, models, *, base=None, weights=None, **params) -> MergeResult:
+    """Merge the pytrees ``models`` with the registered ``method``, leaf by leaf.
+
+    Args:
+        method: a name from :func:`~manifold_merge.merging.list_methods`.
+        models: a list of N pytrees with the same structure and leaf shapes (Flax params,
+            dicts of arrays from checkpoints, ...).
+        base: the base (pretrained) pytree, for methods on task vectors theta_i - base.
+        weights: per-model weights (mergekit's ``weight``), default all 1. Each method
+            normalises them as mergekit does (see the method's docstring).
+        **params: the method's parameters (mergekit names: ``density``, ``lambda``, ``t``,
+            ``normalize``, ...), each a scalar or a list of name-filter rules (see
+            :func:`resolve_param`), plus ``granularity`` ("tensor", default; "row": one block
+            per slice along axis 0; "column": along the last axis; vectors are always one
+            block) and ``seed`` (for random methods such as DARE).
+
+    Leaves that are not floating point (integer buffers, position ids, masks) are copied from
+    the base, or from the first model, and must be equal across models. Floating-point leaves
+    must be finite. Computation is in float32 (float64 stays float64); each merged leaf comes
+    back in the dtype of the first model's leaf.
+
+    Returns:
+        :class:`MergeResult` ``(params, report)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from manifold_merge import merge
+        >>> a, b = {"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([0.0, 1.0])}
+        >>> merge("linear", [a, b], weights=[3, 1]).params["w"]
+        Array([0.75, 0.25], dtype=float32)
+    """
+    spec = get_method(method)
+    if isinstance(models, dict) or not isinstance(models, (list, tuple)):
+        raise TypeError(f"models must be a list of pytrees, got {type(models).__name__}")
+    n = len(models)
+    lo, hi = spec.num_models
+    if n < lo or (hi is not None and n > hi):
+        want = f"{lo}" if lo == hi else f"{lo}..{hi if hi is not None else 'any'}"
+        raise ValueError(f"merge method {method!r} takes {want} models, got {n}")
+    if spec.requires_base and base is None:
+        raise ValueError(f"merge method {method!r} needs a base model (base=...)")
+    _check_params(spec, params)
+    w = _check_weights(spec, weights, n)
+    merged_params = {**COMMON_DEFAULTS, **spec.defaults, **params}
+    if spec.check is not None:
+        spec.check(merged_params, w if weights is not None else None, n, base is not None)
+    use_base = base is not None and spec.uses_base
+
+    flat0, treedef = jax.tree_util.tree_flatten_with_path(models[0])
+    leaves = [[leaf for _, leaf in flat0]]
+    for i, m in enumerate(models[1:], start=1):
+        if jax.tree.structure(m) != treedef:
+            raise ValueError(f"model {i} has a different tree structure from model 0")
+        leaves.append(jax.tree.leaves(m))
+    base_leaves = None
+    if base is not None:
+        if jax.tree.structure(base) != treedef:
+            raise ValueError("the base model has a different tree structure from the models")
+        base_leaves = jax.tree.leaves(base)
+
+    key = jax.random.key(int(merged_params["seed"]))
+    out, report = [], {}
+    for j, (path, first) in enumerate(flat0):
+        name = leaf_name(path)
+        xs = [jnp.asarray(lv[j]) for lv in leaves]
+        for i, x in enumerate(xs):
+            if x.shape != xs[0].shape:
+                raise ValueError(
+                    f"tensor {name!r}: model {i} has shape {x.shape}, model 0 has {xs[0].shape}"
+                )
+        b = None if base_leaves is None else jnp.asarray(base_leaves[j])
+        if b is not None and b.shape != xs[0].shape:
+            raise ValueError(f"tensor {name!r}: base has shape {b.shape}, models {xs[0].shape}")
+        if not jnp.issubdtype(xs[0].dtype, jnp.floating):
+            out.append(_copy_leaf(name, xs, b))
+            report[name] = LeafReport("copy", xs[0].shape, 0, 0, 0.0, True, 1.0, 0.0)
+            continue
+        leaf_params = {k: resolve_param(v, name, k) for k, v in merged_params.items()}
+        merged, rep = _merge_leaf(spec, name, xs, b if use_base else None, w, leaf_params,
+                                  jax.random.fold_in(key, j))
+        out.append(merged.astype(xs[0].dtype))
+        report[name] = rep
+    failed = [k for k, r in report.items() if not r.converged]
+    if failed:
+        warnings.warn(
+            f"merge {method!r}: the solver did not converge on {len(failed)} tensor(s): "
+            f"{failed[:5]}{' ...' if len(failed) > 5 else ''} (see result.report)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return MergeResult(jax.tree.unflatten(treedef, out), report)
+
+
+def _copy_leaf(name, xs, b):
+    ref = xs[0] if b is None else b
+    for i, x in enumerate(xs):
+        if not bool(jnp.array_equal(x, ref)):
+            raise ValueError(
+                f"tensor {name!r} ({x.dtype}) is not floating point, so it is copied, but "
+                f"model {i} differs from the {'base' if b is not None else 'first model'}"
+            )
+    return ref
+
+
+def _merge_leaf(spec, name, xs, b, w, leaf_params, key):
+    granularity = leaf_params.pop("granularity")
+    leaf_params.pop("seed")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    stacked = jnp.stack(xs)
+    dtype = jnp.promote_types(stacked.dtype, jnp.float32)
+    stacked = stacked.astype(dtype)
+    bad = ~jnp.all(jnp.isfinite(stacked.reshape(len(xs), -1)), axis=1)
+    if bool(jnp.any(bad)):
+        raise ValueError(f"tensor {name!r}: model {int(jnp.argmax(bad))} has NaN or Inf values")
+    if b is not None:
+        b = b.astype(dtype)
+        if not bool(jnp.all(jnp.isfinite(b))):
+            raise ValueError(f"tensor {name!r}: the base has NaN or Inf values")
+    shape = xs[0].shape
+    blocks = _blocks(stacked, granularity)
+    base_blocks = None if b is None else _blocks(b[None], granularity)[:, 0]
+    keys = jax.random.split(key, blocks.shape[0])
+    params = tuple(sorted(leaf_params.items()))
+    merged_blocks, info = _run_blocks(
+        spec.block_fn, blocks, base_blocks, jnp.asarray(w, dtype), keys, params
+    )
+    merged = _unblocks(merged_blocks, shape, granularity)
+
+    averaged = stacked.reshape(len(xs), -1)
+    result = merged.reshape(-1)
+    if b is not None:
+        averaged = averaged - b.reshape(1, -1)
+        result = result - b.reshape(-1)
+    mean_norm = float(jnp.mean(jnp.linalg.norm(averaged, axis=1)))
+    ratio = float(jnp.linalg.norm(result)) / mean_norm if mean_norm > 0 else 1.0
+    rep = LeafReport(
+        method=spec.name,
+        shape=tuple(shape),
+        blocks=int(blocks.shape[0]),
+        num_steps=int(jnp.max(info["num_steps"])) if "num_steps" in info else 0,
+        grad_norm=float(jnp.max(info["grad_norm"])) if "grad_norm" in info else 0.0,
+        converged=bool(jnp.all(info["converged"])) if "converged" in info else True,
+        norm_ratio=ratio,
+        angle_spread=_spread(averaged),
+    )
+    return merged, rep
