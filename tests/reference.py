@@ -61,3 +61,93 @@ def random_cluster(rng, n: int, dim: int, spread: float) -> np.ndarray:
         s = spread * rng.uniform(0.5, 1.0)
         out.append(np.cos(s) * c + np.sin(s) * t)
     return np.stack(out)
+
+
+# ------------------------------------------------------------------ merge methods (NumPy)
+def np_linear(xs, w, normalize=True):
+    xs = np.asarray(xs, np.float64)
+    w = np.asarray(w, np.float64)
+    out = np.tensordot(w, xs, axes=1)
+    return out / w.sum() if normalize else out
+
+
+def np_task_arithmetic(xs, base, w, lam=1.0, normalize=False):
+    return base + lam * np_linear(np.asarray(xs, np.float64) - base, w, normalize)
+
+
+def np_nre(xs, w, base=None):
+    xs = np.asarray(xs, np.float64)
+    v = xs if base is None else xs - base
+    a = np.asarray(w, np.float64) / np.sum(w)
+    avg = np.tensordot(a, v, axes=1)
+    norm = sum(ai * np.linalg.norm(vi) for ai, vi in zip(a, v))
+    out = avg * norm / np.linalg.norm(avg)
+    return out if base is None else base + out
+
+
+def np_model_stock(xs, base, w):
+    xs = np.asarray(xs, np.float64)
+    tv = [(x - base).ravel() for x in xs]
+    n = len(tv)
+    cos = [
+        np.dot(tv[i], tv[j]) / (np.linalg.norm(tv[i]) * np.linalg.norm(tv[j]))
+        for i in range(n)
+        for j in range(i + 1, n)
+    ]
+    c = np.mean(cos)
+    t = n * c / (1 + (n - 1) * c)
+    return t * np_linear(xs, w) + (1 - t) * base
+
+
+def np_slerp(t, a, b):
+    """mergekit's slerp (with the arccos of float64 dot products)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    ua, ub = a / np.linalg.norm(a), b / np.linalg.norm(b)
+    dot = np.sum(ua * ub)
+    if abs(dot) > 0.9995:
+        return (1 - t) * a + t * b
+    om = np.arccos(dot)
+    return np.sin((1 - t) * om) / np.sin(om) * a + np.sin(t * om) / np.sin(om) * b
+
+
+def np_multislerp(xs, w, base=None):
+    xs = np.asarray(xs, np.float64)
+    v = (xs if base is None else xs - base).reshape(len(xs), -1)
+    w = np.asarray(w, np.float64) / np.sum(w)
+    norms = np.linalg.norm(v, axis=1)
+    m = w @ (v / norms[:, None])
+    out = (m / np.linalg.norm(m) * (w @ norms)).reshape(xs.shape[1:])
+    return out if base is None else base + out
+
+
+def np_ties(xs, base, w, density, lam=1.0, normalize=True):
+    xs = np.asarray(xs, np.float64)
+    tv = (xs - base).reshape(len(xs), -1)
+    k = int(density * tv.shape[1])
+    pruned = np.zeros_like(tv)
+    for i, t in enumerate(tv):
+        idx = np.argsort(-np.abs(t), kind="stable")[:k]
+        pruned[i, idx] = t[idx]
+    w = np.asarray(w, np.float64)
+    weighted = pruned * w[:, None]
+    sign = np.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    mask = np.sign(weighted) == sign
+    mixed = (weighted * mask).sum(0)
+    if normalize:
+        div = (w[:, None] * mask).sum(0)
+        div[div == 0] = 1
+        mixed = mixed / div
+    return base + lam * mixed.reshape(xs.shape[1:])
+
+
+def np_karcher_spherical_proxy(xs, w, base=None):
+    """Paper A with float64 NumPy: sphere Karcher mean of directions x weighted mean norm."""
+    xs = np.asarray(xs, np.float64)
+    v = (xs if base is None else xs - base).reshape(len(xs), -1)
+    norms = np.linalg.norm(v, axis=1)
+    keep = norms > 0
+    w = np.asarray(w, np.float64) * keep
+    d = sphere_karcher(v[keep], w[keep])
+    out = (d * (w @ norms) / w.sum()).reshape(xs.shape[1:])
+    return out if base is None else base + out

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _METHODS: dict[str, MethodSpec] = {}
 
@@ -68,8 +69,14 @@ def register(
         if name in _METHODS and _METHODS[name].block_fn is not fn:
             raise ValueError(f"a merge method is already registered as {name!r}")
         _METHODS[name] = MethodSpec(
-            name, fn, dict(defaults or {}), requires_base, uses_base, num_models,
-            negative_weights, check,
+            name,
+            fn,
+            dict(defaults or {}),
+            requires_base,
+            uses_base,
+            num_models,
+            negative_weights,
+            check,
         )
         return fn
 

@@ -93,14 +93,19 @@ def dare_linear(points, base, weights, key, density=1.0, normalize=False, rescal
 @register(
     "dare_ties",
     defaults={
-        "density": REQUIRED, "lambda": 1.0, "normalize": True, "rescale": True, "consensus": "sum",
+        "density": REQUIRED,
+        "lambda": 1.0,
+        "normalize": True,
+        "rescale": True,
+        "consensus": "sum",
     },
     requires_base=True,
     negative_weights=True,
     check=_check_density,
 )
-def dare_ties(points, base, weights, key, density=1.0, normalize=True, rescale=True,
-              consensus="sum", **kw):
+def dare_ties(
+    points, base, weights, key, density=1.0, normalize=True, rescale=True, consensus="sum", **kw
+):
     """DARE's random drop and rescale, then TIES' sign election and disjoint mean."""
     keys = jax.random.split(key, points.shape[0])
     tv = jax.vmap(lambda t, k: dare_drop(t, float(density), k, rescale))(points - base, keys)

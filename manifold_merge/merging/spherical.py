@@ -82,8 +82,9 @@ def multislerp(points, base, weights, key, normalize_weights=True):
         "lambda": 1.0,
     },
 )
-def karcher(points, base, weights, key, max_iter=100, tol=1e-7, step_size=1.0,
-            norm_mean="arithmetic", **kw):
+def karcher(
+    points, base, weights, key, max_iter=100, tol=1e-7, step_size=1.0, norm_mean="arithmetic", **kw
+):
     """Paper A's spherical proxy: the weighted Karcher mean on ``NormSphere`` per block.
 
     Directions W_i/||W_i|| are averaged with the intrinsic Karcher mean on the unit sphere and

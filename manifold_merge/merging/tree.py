@@ -227,7 +227,7 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
 
     key = jax.random.key(int(merged_params["seed"]))
     out, report = [], {}
-    for j, (path, first) in enumerate(flat0):
+    for j, (path, _) in enumerate(flat0):
         name = leaf_name(path)
         xs = [jnp.asarray(lv[j]) for lv in leaves]
         for i, x in enumerate(xs):
@@ -243,8 +243,9 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
             report[name] = LeafReport("copy", xs[0].shape, 0, 0, 0.0, True, 1.0, 0.0)
             continue
         leaf_params = {k: resolve_param(v, name, k) for k, v in merged_params.items()}
-        merged, rep = _merge_leaf(spec, name, xs, b if use_base else None, w, leaf_params,
-                                  jax.random.fold_in(key, j))
+        merged, rep = _merge_leaf(
+            spec, name, xs, b if use_base else None, w, leaf_params, jax.random.fold_in(key, j)
+        )
         out.append(merged.astype(xs[0].dtype))
         report[name] = rep
     failed = [k for k, r in report.items() if not r.converged]

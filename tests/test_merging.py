@@ -1,0 +1,351 @@
+"""merge() and every method against independent float64 NumPy references, plus invariants."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference import (
+    np_karcher_spherical_proxy,
+    np_linear,
+    np_model_stock,
+    np_multislerp,
+    np_nre,
+    np_slerp,
+    np_task_arithmetic,
+    np_ties,
+)
+
+import manifold_merge as mm
+from manifold_merge.merging import list_methods, register, resolve_param
+
+SHAPES = {"dense/kernel": (12, 7), "dense/bias": (7,), "conv/kernel": (3, 2, 5)}
+
+
+def make_models(rng, n, dtype=np.float32, tv_scale=0.3):
+    """A base and n experts = base + random task vectors, as nested dicts."""
+    base = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+    experts = [
+        {k: v + tv_scale * rng.standard_normal(v.shape) for k, v in base.items()} for _ in range(n)
+    ]
+
+    def nest(flat):
+        out = {}
+        for k, v in flat.items():
+            a, b = k.split("/")
+            out.setdefault(a, {})[b] = jnp.asarray(v, dtype)
+        return out
+
+    return nest(base), [nest(e) for e in experts]
+
+
+def leaves(tree):
+    return {
+        mm.merging.tree.leaf_name(p): np.asarray(v, np.float64)
+        for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def check_against(result, expected_fn, models, base, tol):
+    base_l = leaves(base) if base is not None else None
+    model_l = [leaves(m) for m in models]
+    for name, got in leaves(result.params).items():
+        xs = np.stack([m[name] for m in model_l])
+        exp = expected_fn(xs, None if base_l is None else base_l[name])
+        np.testing.assert_allclose(got, exp, rtol=tol, atol=tol, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-5), (jnp.bfloat16, 1e-2)])
+def test_closed_form_methods_match_numpy(rng, dtype, tol):
+    base, models = make_models(rng, 4, dtype)
+    w = rng.uniform(0.2, 2.0, 4)
+    # references are computed on the rounded inputs, so only the output rounding differs
+    cases = {
+        "linear": (dict(), lambda xs, b: np_linear(xs, w)),
+        "task_arithmetic": (
+            dict(**{"lambda": 0.7}),
+            lambda xs, b: np_task_arithmetic(xs, b, w, 0.7),
+        ),
+        "nre": (dict(), lambda xs, b: np_nre(xs, w, b)),
+        "model_stock": (dict(), lambda xs, b: np_model_stock(xs, b, w)),
+        "multislerp": (dict(), lambda xs, b: np_multislerp(xs, w, b)),
+        "ties": (dict(density=0.4, **{"lambda": 1.2}), lambda xs, b: np_ties(xs, b, w, 0.4, 1.2)),
+    }
+    for method, (params, fn) in cases.items():
+        res = mm.merge(method, models, base=base, weights=w, **params)
+        for leaf in jax.tree.leaves(res.params):
+            assert leaf.dtype == jnp.dtype(dtype), method
+        check_against(res, fn, models, base, tol * (10 if method == "ties" else 1))
+
+
+def test_ties_without_weights_and_count_consensus_shape(rng):
+    base, models = make_models(rng, 3)
+    res = mm.merge("ties", models, base=base, density=1.0)
+    check_against(res, lambda xs, b: np_ties(xs, b, np.ones(3), 1.0), models, base, 1e-5)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.25, 0.8])
+def test_slerp_matches_mergekit_semantics(rng, t):
+    base, models = make_models(rng, 2, tv_scale=2.0)
+    res = mm.merge("slerp", models, t=t)
+    check_against(res, lambda xs, b: np_slerp(t, xs[0], xs[1]), models, None, 2e-5)
+    # with a base: base at t = 0
+    res = mm.merge("slerp", models[:1], base=base, t=t)
+    check_against(res, lambda xs, b: np_slerp(t, b, xs[0]), models[:1], base, 2e-5)
+    # weights instead of t
+    res = mm.merge("slerp", models, weights=[1 - t, t] if 0 < t < 1 else [1, 1])
+    tt = t if 0 < t < 1 else 0.5
+    check_against(res, lambda xs, b: np_slerp(tt, xs[0], xs[1]), models, None, 2e-5)
+
+
+def test_slerp_rejects_bad_settings(rng):
+    base, models = make_models(rng, 3)
+    with pytest.raises(ValueError, match="exactly 2 models"):
+        mm.merge("slerp", models[:1])
+    with pytest.raises(ValueError, match="takes 1..2 models"):
+        mm.merge("slerp", models)
+    with pytest.raises(ValueError, match="either t or weights"):
+        mm.merge("slerp", models[:2], t=0.3, weights=[1, 2])
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_karcher_matches_float64_spherical_proxy(rng, with_base):
+    base, models = make_models(rng, 5)
+    w = rng.uniform(0.1, 1.0, 5)
+    res = mm.merge("karcher", models, base=base if with_base else None, weights=w)
+    check_against(
+        res,
+        lambda xs, b: np_karcher_spherical_proxy(xs, w, b),
+        models,
+        base if with_base else None,
+        2e-5,
+    )
+    # random task vectors of a few entries may spread over more than a hemisphere (then the
+    # mean is honestly not certified); with 84 entries they are near-orthogonal
+    assert res.report["dense/kernel"].converged
+
+
+def test_karcher_two_models_is_rescaled_slerp_of_directions(rng):
+    _, models = make_models(rng, 2, tv_scale=1.5)
+    t = 0.3
+    res = mm.merge("karcher", models, weights=[1 - t, t])
+    for name, got in leaves(res.params).items():
+        a, b = (leaves(m)[name] for m in models)
+        ua, ub = a / np.linalg.norm(a), b / np.linalg.norm(b)
+        direction = np_slerp(t, ua, ub)
+        expected = (
+            direction
+            / np.linalg.norm(direction)
+            * ((1 - t) * np.linalg.norm(a) + t * np.linalg.norm(b))
+        )
+        np.testing.assert_allclose(got, expected, atol=2e-5, err_msg=name)
+        if abs(np.linalg.norm(a) - np.linalg.norm(b)) > 0.1:  # mergekit's slerp differs
+            assert np.max(np.abs(got - np_slerp(t, a, b))) > 1e-4
+
+
+def test_karcher_honours_weights(rng):
+    _, models = make_models(rng, 3, tv_scale=1.0)
+    a = mm.merge("karcher", models, weights=[0.8, 0.1, 0.1])
+    b = mm.merge("karcher", models)
+    check_against(
+        a, lambda xs, _: np_karcher_spherical_proxy(xs, [0.8, 0.1, 0.1]), models, None, 2e-5
+    )
+    diff = max(np.max(np.abs(leaves(a.params)[k] - leaves(b.params)[k])) for k in SHAPES)
+    assert diff > 1e-2
+
+
+def test_karcher_close_experts_get_the_exact_mean(rng):
+    # cosine > 0.999 between the experts' full weights
+    base = {"w": jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)}
+    models = [
+        {"w": base["w"] + 0.02 * jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)}
+        for _ in range(4)
+    ]
+    res = mm.merge("karcher", models, weights=[0.7, 0.1, 0.1, 0.1])
+    xs = np.stack([np.asarray(m["w"], np.float64) for m in models])
+    exp = np_karcher_spherical_proxy(xs, [0.7, 0.1, 0.1, 0.1])
+    np.testing.assert_allclose(np.asarray(res.params["w"], np.float64), exp, atol=1e-6)
+    assert res.report["w"].angle_spread < 0.06 and res.report["w"].converged
+
+
+def test_karcher_zero_task_vectors_are_left_out(rng):
+    base, models = make_models(rng, 3)
+    models[2] = jax.tree.map(lambda x: x, base)  # expert 2 did not move: zero task vectors
+    res = mm.merge("karcher", models, base=base)
+    check_against(
+        res, lambda xs, b: np_karcher_spherical_proxy(xs[:2], [1, 1], b), models, base, 2e-5
+    )
+    same = mm.merge("karcher", [base, base], base=base)
+    for leaf, b in zip(jax.tree.leaves(same.params), jax.tree.leaves(base)):
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(b))
+
+
+def test_equal_models_merge_to_themselves(rng):
+    base, models = make_models(rng, 1)
+    same = [models[0]] * 3
+    for method, params in [
+        ("linear", {}),
+        ("nre", {}),
+        ("multislerp", {}),
+        ("karcher", {}),
+        ("ties", {"density": 0.5}),
+        ("task_arithmetic", {"normalize": True}),
+    ]:
+        res = mm.merge(method, same, base=base, **params)
+        for k, v in leaves(res.params).items():
+            ref = leaves(models[0])[k]
+            if method == "ties":  # trimming keeps the top half of the task vector only
+                continue
+            np.testing.assert_allclose(v, ref, atol=2e-5, err_msg=f"{method} {k}")
+
+
+def test_task_arithmetic_with_zero_lambda_is_the_base(rng):
+    base, models = make_models(rng, 3)
+    res = mm.merge("task_arithmetic", models, base=base, **{"lambda": 0.0})
+    for k, v in leaves(res.params).items():
+        np.testing.assert_array_equal(v, leaves(base)[k])
+
+
+def test_dare_is_reproducible_from_its_seed_and_unbiased(rng):
+    base, models = make_models(rng, 3)
+    a = mm.merge("dare_linear", models, base=base, density=0.5, seed=3)
+    b = mm.merge("dare_linear", models, base=base, density=0.5, seed=3)
+    c = mm.merge("dare_linear", models, base=base, density=0.5, seed=4)
+    la, lb, lc = leaves(a.params), leaves(b.params), leaves(c.params)
+    assert all(np.array_equal(la[k], lb[k]) for k in la)
+    assert any(not np.array_equal(la[k], lc[k]) for k in la)
+    # one model: every entry is dropped (0) or kept and rescaled by 1/density, kept with
+    # probability density (40,000 draws: the kept fraction is within 0.02 at > 8 sigma)
+    zero = {"w": jnp.zeros((200, 200))}
+    tv = {"w": jnp.asarray(rng.standard_normal((200, 200)), jnp.float32)}
+    out = leaves(mm.merge("dare_linear", [tv], base=zero, density=0.3, seed=1).params)["w"]
+    t = leaves(tv)["w"]
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], t[kept] / 0.3, rtol=1e-6)
+    assert abs(kept.mean() - 0.3) < 0.02
+    d = mm.merge("dare_ties", models, base=base, density=0.5, seed=3)
+    assert all(np.all(np.isfinite(v)) for v in leaves(d.params).values())
+
+
+def test_row_granularity_merges_each_row_independently(rng):
+    base, models = make_models(rng, 3)
+    w = [0.5, 0.3, 0.2]
+    res = mm.merge("karcher", models, base=base, weights=w, granularity="row")
+    for name, got in leaves(res.params).items():
+        xs = np.stack([leaves(m)[name] for m in models])
+        b = leaves(base)[name]
+        if xs.ndim == 2:  # vectors are one block
+            exp = np_karcher_spherical_proxy(xs, w, b)
+        else:
+            exp = np.stack(
+                [np_karcher_spherical_proxy(xs[:, r], w, b[r]) for r in range(xs.shape[1])]
+            )
+        np.testing.assert_allclose(got, exp, atol=2e-5, err_msg=name)
+    assert res.report["dense/kernel"].blocks == 12
+    col = mm.merge("nre", models, weights=w, granularity="column")
+    xs = np.stack([leaves(m)["dense/kernel"] for m in models])
+    exp = np.stack([np_nre(xs[:, :, c], w) for c in range(7)], axis=-1)
+    np.testing.assert_allclose(leaves(col.params)["dense/kernel"], exp, atol=2e-5)
+
+
+def test_name_filters_override_parameters(rng):
+    base, models = make_models(rng, 2)
+    rules = [
+        {"filter": "bias", "value": 0.0},
+        {"filter": "re:^conv/", "value": 2.0},
+        {"value": 1.0},
+    ]
+    res = mm.merge("task_arithmetic", models, base=base, **{"lambda": rules})
+    out = leaves(res.params)
+    xs = {k: np.stack([leaves(m)[k] for m in models]) for k in SHAPES}
+    b = leaves(base)
+    np.testing.assert_allclose(out["dense/bias"], b["dense/bias"], atol=1e-6)
+    np.testing.assert_allclose(
+        out["conv/kernel"],
+        np_task_arithmetic(xs["conv/kernel"], b["conv/kernel"], [1, 1], 2.0),
+        atol=2e-5,
+    )
+    np.testing.assert_allclose(
+        out["dense/kernel"],
+        np_task_arithmetic(xs["dense/kernel"], b["dense/kernel"], [1, 1], 1.0),
+        atol=2e-5,
+    )
+    assert resolve_param(3, "x", "p") == 3
+    with pytest.raises(ValueError, match="no rule matching"):
+        resolve_param([{"filter": "attn", "value": 1}], "mlp/w", "lambda")
+
+
+def test_integer_leaves_are_copied_and_must_agree(rng):
+    base, models = make_models(rng, 2)
+    for m in models + [base]:
+        m["position_ids"] = jnp.arange(16)
+    res = mm.merge("karcher", models, base=base)
+    np.testing.assert_array_equal(np.asarray(res.params["position_ids"]), np.arange(16))
+    assert res.report["position_ids"].method == "copy"
+    models[1]["position_ids"] = jnp.arange(16)[::-1]
+    with pytest.raises(ValueError, match="position_ids.*not floating point"):
+        mm.merge("linear", models)
+
+
+def test_clear_errors(rng):
+    base, models = make_models(rng, 2)
+    with pytest.raises(KeyError, match="Did you mean 'karcher'"):
+        mm.merge("karcer", models)
+    with pytest.raises(TypeError, match="Did you mean 'density'"):
+        mm.merge("ties", models, base=base, densty=0.5)
+    with pytest.raises(TypeError, match="needs parameter 'density'"):
+        mm.merge("ties", models, base=base)
+    with pytest.raises(ValueError, match="needs a base"):
+        mm.merge("task_arithmetic", models)
+    with pytest.raises(ValueError, match="sum to zero"):
+        mm.merge("linear", models, weights=[0, 0])
+    with pytest.raises(ValueError, match="non-negative"):
+        mm.merge("karcher", models, weights=[1, -1])
+    with pytest.raises(ValueError, match="density"):
+        mm.merge("ties", models, base=base, density=1.5)
+    with pytest.raises(ValueError, match="granularity"):
+        mm.merge("linear", models, granularity="diagonal")
+    bad = jax.tree.map(lambda x: x, models[1])
+    bad["dense"]["kernel"] = bad["dense"]["kernel"].at[0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match="'dense/kernel': model 1 has NaN"):
+        mm.merge("linear", [models[0], bad])
+    wrong = jax.tree.map(lambda x: x, models[1])
+    wrong["dense"]["bias"] = jnp.zeros(8)
+    with pytest.raises(ValueError, match="'dense/bias': model 1 has shape"):
+        mm.merge("linear", [models[0], wrong])
+    with pytest.raises(TypeError, match="list of pytrees"):
+        mm.merge("linear", models[0])
+
+
+def test_non_convergence_is_a_visible_warning(rng):
+    x = rng.standard_normal(6)
+    models = [{"w": jnp.asarray(x, jnp.float32)}, {"w": jnp.asarray(-x, jnp.float32)}]
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        res = mm.merge("karcher", models)
+    assert not res.report["w"].converged
+
+
+def test_registry_lists_the_methods_and_takes_new_ones():
+    expected = {
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "slerp",
+        "multislerp",
+        "nre",
+        "model_stock",
+        "karcher",
+    }
+    assert expected <= set(list_methods())
+
+    @register("test_elementwise_max")
+    def elementwise_max(points, base, weights, key):
+        return jnp.max(points, axis=0), {}
+
+    res = mm.merge(
+        "test_elementwise_max", [{"w": jnp.array([1.0, 5.0])}, {"w": jnp.array([3.0, 2.0])}]
+    )
+    np.testing.assert_array_equal(np.asarray(res.params["w"]), [3.0, 5.0])
