@@ -349,3 +349,90 @@ def test_registry_lists_the_methods_and_takes_new_ones():
         "test_elementwise_max", [{"w": jnp.array([1.0, 5.0])}, {"w": jnp.array([3.0, 2.0])}]
     )
     np.testing.assert_array_equal(np.asarray(res.params["w"]), [3.0, 5.0])
+
+
+# ------------------------------------------------------ fisher and Paper B's frechet
+def make_fishers(rng, models):
+    return [
+        jax.tree.map(lambda x: jnp.asarray(rng.uniform(0, 3, x.shape) ** 2, x.dtype), m)
+        for m in models
+    ]
+
+
+def np_fisher(xs, fs, w, floor=1e-6):
+    f = (
+        np.maximum(np.asarray(fs, np.float64), floor)
+        * np.asarray(w)[(...,) + (None,) * (xs.ndim - 1)]
+    )
+    return (f * xs).sum(0) / f.sum(0)
+
+
+def test_fisher_matches_numpy(rng):
+    _, models = make_models(rng, 3)
+    fishers = make_fishers(rng, models)
+    w = rng.uniform(0.2, 2.0, 3)
+    res = mm.merge("fisher", models, fishers=fishers, weights=w)
+    fl = [leaves(f) for f in fishers]
+    for name, got in leaves(res.params).items():
+        xs = np.stack([leaves(m)[name] for m in models])
+        exp = np_fisher(xs, np.stack([f[name] for f in fl]), w)
+        np.testing.assert_allclose(got, exp, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_frechet_frozen_metric_reduces_to_fisher_and_linear(rng):
+    _, models = make_models(rng, 4)
+    fishers = make_fishers(rng, models)
+    w = rng.uniform(0.2, 2.0, 4)
+    fisher = leaves(mm.merge("fisher", models, fishers=fishers, weights=w).params)
+    fre = leaves(
+        mm.merge(
+            "frechet", models, fishers=fishers, weights=w, approx="frozen_metric", metric="fisher"
+        ).params
+    )
+    lin = leaves(mm.merge("linear", models, weights=w).params)
+    ident = leaves(mm.merge("frechet", models, weights=w, approx="frozen_metric").params)
+    exact = leaves(mm.merge("frechet", models, weights=w).params)  # Euclidean geodesics
+    for k in SHAPES:
+        np.testing.assert_allclose(fre[k], fisher[k], atol=1e-6, rtol=1e-6)
+        np.testing.assert_allclose(ident[k], lin[k], atol=1e-6, rtol=1e-6)
+        np.testing.assert_allclose(exact[k], lin[k], atol=1e-6, rtol=1e-6)
+
+
+def test_frechet_on_the_spherical_proxy_is_karcher(rng):
+    base, models = make_models(rng, 3)
+    w = [0.5, 0.3, 0.2]
+    a = leaves(mm.merge("frechet", models, base=base, weights=w, manifold="norm_sphere").params)
+    b = leaves(mm.merge("karcher", models, base=base, weights=w).params)
+    for k in SHAPES:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6)
+    # first order on the spherical proxy: one tangent step from the extrinsic mean
+    c = mm.merge("frechet", models, weights=w, manifold="norm_sphere", approx="first_order")
+    for k, v in leaves(c.params).items():
+        xs = np.stack([leaves(m)[k] for m in models])
+        exact = np_karcher_spherical_proxy(xs, w)
+        assert np.linalg.norm(v - exact) < 0.05 * np.linalg.norm(exact)
+
+
+def test_frechet_first_order_euclidean_with_base_is_normalised_task_arithmetic(rng):
+    base, models = make_models(rng, 3)
+    w = rng.uniform(0.2, 1.0, 3)
+    res = mm.merge("frechet", models, base=base, weights=w, approx="first_order")
+    check_against(
+        res, lambda xs, b: np_task_arithmetic(xs, b, w, 1.0, normalize=True), models, base, 2e-5
+    )
+
+
+def test_fisher_and_frechet_errors(rng):
+    _, models = make_models(rng, 2)
+    with pytest.raises(TypeError, match="needs fishers"):
+        mm.merge("fisher", models)
+    with pytest.raises(ValueError, match="manifold='euclidean'"):
+        mm.merge("frechet", models, manifold="norm_sphere", approx="frozen_metric")
+    with pytest.raises(ValueError, match="approx must be one of"):
+        mm.merge("frechet", models, approx="second_order")
+    bad = make_fishers(rng, models)
+    bad[1]["dense"]["kernel"] = jnp.ones((3, 3))
+    with pytest.raises(ValueError, match=r"'dense/kernel': fishers\[1\] has shape"):
+        mm.merge("fisher", models, fishers=bad)
+    with pytest.raises(ValueError, match="list of 2 pytrees"):
+        mm.merge("fisher", models, fishers=bad[:1])

@@ -27,6 +27,10 @@ class MethodSpec:
         negative_weights: the method accepts negative per-model weights (task negation).
         check: optional ``check(params, weights, num_models, has_base)`` run outside jit that
             raises ``ValueError`` for settings the method cannot honour.
+        stats: names of per-model statistics the method takes as pytrees shaped like the
+            models (e.g. ``"fishers"``); :func:`merge` blocks them like the parameters and
+            passes each block's (N, D) array to ``block_fn`` as a keyword argument.
+        required_stats: those of ``stats`` the method cannot run without.
     """
 
     name: str
@@ -37,6 +41,8 @@ class MethodSpec:
     num_models: tuple[int, int | None] = (1, None)
     negative_weights: bool = False
     check: Callable | None = None
+    stats: tuple[str, ...] = ()
+    required_stats: tuple[str, ...] = ()
 
 
 #: Default of a parameter the user must set (e.g. TIES' ``density``).
@@ -52,6 +58,8 @@ def register(
     num_models: tuple[int, int | None] = (1, None),
     negative_weights: bool = False,
     check: Callable | None = None,
+    stats: tuple[str, ...] = (),
+    required_stats: tuple[str, ...] = (),
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``block_fn`` as merge method ``name``.
 
@@ -69,14 +77,16 @@ def register(
         if name in _METHODS and _METHODS[name].block_fn is not fn:
             raise ValueError(f"a merge method is already registered as {name!r}")
         _METHODS[name] = MethodSpec(
-            name,
-            fn,
-            dict(defaults or {}),
-            requires_base,
-            uses_base,
-            num_models,
-            negative_weights,
-            check,
+            name=name,
+            block_fn=fn,
+            defaults=dict(defaults or {}),
+            requires_base=requires_base,
+            uses_base=uses_base,
+            num_models=num_models,
+            negative_weights=negative_weights,
+            check=check,
+            stats=tuple(stats),
+            required_stats=tuple(required_stats),
         )
         return fn
 

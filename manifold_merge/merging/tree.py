@@ -142,13 +142,14 @@ def _unblocks(blocks: jax.Array, shape: tuple, granularity: str) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("block_fn", "params"))
-def _run_blocks(block_fn, points, base, weights, keys, params):
+def _run_blocks(block_fn, points, base, weights, keys, stats, params):
     kwargs = dict(params)
 
-    def one(p, b, k):
-        return block_fn(p, b, weights, k, **kwargs)
+    def one(p, b, k, st):
+        return block_fn(p, b, weights, k, **st, **kwargs)
 
-    return jax.vmap(one, in_axes=(0, None if base is None else 0, 0))(points, base, keys)
+    in_axes = (0, None if base is None else 0, 0, 0)
+    return jax.vmap(one, in_axes=in_axes)(points, base, keys, stats)
 
 
 def _spread(vectors: jax.Array) -> float:
@@ -197,6 +198,12 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
         Array([0.75, 0.25], dtype=float32)
     """
     spec = get_method(method)
+    stats = {name: params.pop(name) for name in spec.stats if params.get(name) is not None}
+    for name in spec.stats:
+        params.pop(name, None)
+    missing = [name for name in spec.required_stats if name not in stats]
+    if missing:
+        raise TypeError(f"merge method {method!r} needs {missing[0]}=[one pytree per model]")
     if isinstance(models, dict) or not isinstance(models, (list, tuple)):
         raise TypeError(f"models must be a list of pytrees, got {type(models).__name__}")
     n = len(models)
@@ -219,6 +226,14 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
         if jax.tree.structure(m) != treedef:
             raise ValueError(f"model {i} has a different tree structure from model 0")
         leaves.append(jax.tree.leaves(m))
+    stat_leaves = {}
+    for sname, trees in stats.items():
+        if not isinstance(trees, (list, tuple)) or len(trees) != n:
+            raise ValueError(f"{sname} must be a list of {n} pytrees (one per model)")
+        for i, t in enumerate(trees):
+            if jax.tree.structure(t) != treedef:
+                raise ValueError(f"{sname}[{i}] has a different tree structure from the models")
+        stat_leaves[sname] = [jax.tree.leaves(t) for t in trees]
     base_leaves = None
     if base is not None:
         if jax.tree.structure(base) != treedef:
@@ -243,8 +258,25 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
             report[name] = LeafReport("copy", xs[0].shape, 0, 0, 0.0, True, 1.0, 0.0)
             continue
         leaf_params = {k: resolve_param(v, name, k) for k, v in merged_params.items()}
+        leaf_stats = {}
+        for sname, per_model in stat_leaves.items():
+            arrs = [jnp.asarray(t[j]) for t in per_model]
+            for i, a in enumerate(arrs):
+                if a.shape != xs[0].shape:
+                    raise ValueError(
+                        f"tensor {name!r}: {sname}[{i}] has shape {a.shape}, the models "
+                        f"{xs[0].shape}"
+                    )
+            leaf_stats[sname] = arrs
         merged, rep = _merge_leaf(
-            spec, name, xs, b if use_base else None, w, leaf_params, jax.random.fold_in(key, j)
+            spec,
+            name,
+            xs,
+            b if use_base else None,
+            w,
+            leaf_params,
+            jax.random.fold_in(key, j),
+            leaf_stats,
         )
         out.append(merged.astype(xs[0].dtype))
         report[name] = rep
@@ -270,7 +302,7 @@ def _copy_leaf(name, xs, b):
     return ref
 
 
-def _merge_leaf(spec, name, xs, b, w, leaf_params, key):
+def _merge_leaf(spec, name, xs, b, w, leaf_params, key, leaf_stats):
     granularity = leaf_params.pop("granularity")
     leaf_params.pop("seed")
     if granularity not in GRANULARITIES:
@@ -289,9 +321,15 @@ def _merge_leaf(spec, name, xs, b, w, leaf_params, key):
     blocks = _blocks(stacked, granularity)
     base_blocks = None if b is None else _blocks(b[None], granularity)[:, 0]
     keys = jax.random.split(key, blocks.shape[0])
+    stat_blocks = {}
+    for sname, arrs in leaf_stats.items():
+        st = jnp.stack(arrs).astype(dtype)
+        if not bool(jnp.all(jnp.isfinite(st))):
+            raise ValueError(f"tensor {name!r}: {sname} has NaN or Inf values")
+        stat_blocks[sname] = _blocks(st, granularity)
     params = tuple(sorted(leaf_params.items()))
     merged_blocks, info = _run_blocks(
-        spec.block_fn, blocks, base_blocks, jnp.asarray(w, dtype), keys, params
+        spec.block_fn, blocks, base_blocks, jnp.asarray(w, dtype), keys, stat_blocks, params
     )
     merged = _unblocks(merged_blocks, shape, granularity)
 
