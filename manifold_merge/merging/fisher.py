@@ -119,3 +119,33 @@ def frechet(
         out = res.mean
         info = {"num_steps": res.num_steps, "grad_norm": res.grad_norm, "converged": res.converged}
     return (out if base is None else base + out), info
+
+
+@register(
+    "regmean",
+    defaults={"alpha": 0.9},
+    uses_base=False,
+    stats=("grams",),
+    required_stats=("grams",),
+    stat_shapes_free=True,
+)
+def regmean(points, base, weights, key, grams=None, alpha=0.9):
+    """RegMean (Jin et al. 2023), per linear layer: W* = (sum_i w_i G~_i)^-1 sum_i w_i G~_i W_i
+    with G~_i the input Gram X_i^T X_i whose off-diagonal entries are scaled by ``alpha``.
+
+    Pass ``grams=[{kernel leaf name: (d_in, d_in)}, ...]`` (``manifold_merge.stats.input_grams``
+    computes them); kernels are (d_in, d_out) as in Flax. Leaves without a Gram (biases, norms,
+    embeddings) get the weighted average, as in the paper. Weights scale the Grams (uniform
+    weights give the paper's rule).
+    """
+    del base, key
+    if grams is None:
+        return weights @ points / jnp.sum(weights), {}
+    n, d_in = grams.shape[0], grams.shape[1]
+    kernels = points.reshape(n, d_in, -1)
+    diag = jnp.eye(d_in, dtype=grams.dtype)
+    scaled = grams * (alpha + (1.0 - alpha) * diag)
+    scaled = scaled * weights[:, None, None]
+    lhs = jnp.sum(scaled, 0)
+    rhs = jnp.einsum("nij,njk->ik", scaled, kernels)
+    return jnp.linalg.solve(lhs, rhs).reshape(-1), {}

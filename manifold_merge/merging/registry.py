@@ -31,6 +31,8 @@ class MethodSpec:
             models (e.g. ``"fishers"``); :func:`merge` blocks them like the parameters and
             passes each block's (N, D) array to ``block_fn`` as a keyword argument.
         required_stats: those of ``stats`` the method cannot run without.
+        stat_shapes_free: statistics may have other shapes than the leaf (e.g. RegMean's
+            (d_in, d_in) Grams); they are then passed whole, with granularity "tensor".
     """
 
     name: str
@@ -43,6 +45,7 @@ class MethodSpec:
     check: Callable | None = None
     stats: tuple[str, ...] = ()
     required_stats: tuple[str, ...] = ()
+    stat_shapes_free: bool = False
 
 
 #: Default of a parameter the user must set (e.g. TIES' ``density``).
@@ -60,6 +63,7 @@ def register(
     check: Callable | None = None,
     stats: tuple[str, ...] = (),
     required_stats: tuple[str, ...] = (),
+    stat_shapes_free: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``block_fn`` as merge method ``name``.
 
@@ -87,6 +91,7 @@ def register(
             check=check,
             stats=tuple(stats),
             required_stats=tuple(required_stats),
+            stat_shapes_free=stat_shapes_free,
         )
         return fn
 

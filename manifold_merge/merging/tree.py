@@ -230,10 +230,9 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
     for sname, trees in stats.items():
         if not isinstance(trees, (list, tuple)) or len(trees) != n:
             raise ValueError(f"{sname} must be a list of {n} pytrees (one per model)")
-        for i, t in enumerate(trees):
-            if jax.tree.structure(t) != treedef:
-                raise ValueError(f"{sname}[{i}] has a different tree structure from the models")
-        stat_leaves[sname] = [jax.tree.leaves(t) for t in trees]
+        stat_leaves[sname] = [
+            _stat_lookup(t, treedef, flat0, sname, i) for i, t in enumerate(trees)
+        ]
     base_leaves = None
     if base is not None:
         if jax.tree.structure(base) != treedef:
@@ -260,13 +259,24 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
         leaf_params = {k: resolve_param(v, name, k) for k, v in merged_params.items()}
         leaf_stats = {}
         for sname, per_model in stat_leaves.items():
-            arrs = [jnp.asarray(t[j]) for t in per_model]
+            arrs = [t[j] for t in per_model]
+            if all(a is None for a in arrs):
+                continue  # no statistic for this leaf: the method's fallback applies
+            if any(a is None for a in arrs):
+                missing = [i for i, a in enumerate(arrs) if a is None]
+                raise ValueError(f"tensor {name!r}: {sname} missing for models {missing}")
+            arrs = [jnp.asarray(a) for a in arrs]
             for i, a in enumerate(arrs):
-                if a.shape != xs[0].shape:
+                if a.shape != arrs[0].shape:
                     raise ValueError(
-                        f"tensor {name!r}: {sname}[{i}] has shape {a.shape}, the models "
-                        f"{xs[0].shape}"
+                        f"tensor {name!r}: {sname}[{i}] has shape {a.shape}, {sname}[0] has "
+                        f"{arrs[0].shape}"
                     )
+            if arrs[0].shape != xs[0].shape and not spec.stat_shapes_free:
+                raise ValueError(
+                    f"tensor {name!r}: {sname}[0] has shape {arrs[0].shape}, the models "
+                    f"{xs[0].shape}"
+                )
             leaf_stats[sname] = arrs
         merged, rep = _merge_leaf(
             spec,
@@ -289,6 +299,20 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
             stacklevel=2,
         )
     return MergeResult(jax.tree.unflatten(treedef, out), report)
+
+
+def _stat_lookup(tree, treedef, flat0, sname, i):
+    """Per-leaf list of a model's statistic: from a pytree shaped like the models, or from a
+    flat ``{leaf name: array}`` dict (leaves it does not name get None)."""
+    if isinstance(tree, dict) and all(isinstance(k, str) and "/" in k for k in tree):
+        names = {leaf_name(p) for p, _ in flat0}
+        unknown = sorted(set(tree) - names)
+        if unknown:
+            raise ValueError(f"{sname}[{i}] names tensors the models do not have: {unknown[:5]}")
+        return [tree.get(leaf_name(p)) for p, _ in flat0]
+    if jax.tree.structure(tree) != treedef:
+        raise ValueError(f"{sname}[{i}] has a different tree structure from the models")
+    return jax.tree.leaves(tree)
 
 
 def _copy_leaf(name, xs, b):
@@ -326,7 +350,14 @@ def _merge_leaf(spec, name, xs, b, w, leaf_params, key, leaf_stats):
         st = jnp.stack(arrs).astype(dtype)
         if not bool(jnp.all(jnp.isfinite(st))):
             raise ValueError(f"tensor {name!r}: {sname} has NaN or Inf values")
-        stat_blocks[sname] = _blocks(st, granularity)
+        if st.shape[1:] == tuple(shape):
+            stat_blocks[sname] = _blocks(st, granularity)
+        elif blocks.shape[0] == 1:  # a statistic of another shape goes whole to the one block
+            stat_blocks[sname] = st[None]
+        else:
+            raise ValueError(
+                f"tensor {name!r}: {sname} of shape {st.shape[1:]} needs granularity='tensor'"
+            )
     params = tuple(sorted(leaf_params.items()))
     merged_blocks, info = _run_blocks(
         spec.block_fn, blocks, base_blocks, jnp.asarray(w, dtype), keys, stat_blocks, params
