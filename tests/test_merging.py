@@ -440,3 +440,50 @@ def test_fisher_and_frechet_errors(rng):
         mm.merge("fisher", models, fishers=bad)
     with pytest.raises(ValueError, match="list of 2 pytrees"):
         mm.merge("fisher", models, fishers=bad[:1])
+
+
+def test_fisher_rao_karcher(rng):
+    base, models = make_models(rng, 3)
+    w = np.array([0.5, 0.3, 0.2])
+    const = [jax.tree.map(lambda x: jnp.full(x.shape, 2.5, x.dtype), m) for m in models]
+    a = leaves(mm.merge("fisher_rao_karcher", models, base=base, fishers=const, weights=w).params)
+    b = leaves(mm.merge("karcher", models, base=base, weights=w).params)
+    for k in SHAPES:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6)
+    fishers = make_fishers(rng, models)
+    res = mm.merge("fisher_rao_karcher", models, base=base, fishers=fishers, weights=w)
+    out = leaves(res.params)
+    fl = [leaves(f) for f in fishers]
+    name = "dense/kernel"  # 84 entries: certified (see test_karcher_matches_float64...)
+    assert res.report[name].converged
+    # fixed point in float64: sum_i w_i F_i * log_x(tau_i) = 0 with the NormSphere log
+    x = (out[name] - leaves(base)[name]).ravel()
+    r, xh = np.linalg.norm(x), x / np.linalg.norm(x)
+    num = np.zeros_like(x)
+    den = np.zeros_like(x)
+    for wi, m, f in zip(w, models, fl):
+        t = (leaves(m)[name] - leaves(base)[name]).ravel()
+        th = t / np.linalg.norm(t)
+        v = th - np.dot(xh, th) * xh
+        ang = 2 * np.arctan2(np.linalg.norm(xh - th), np.linalg.norm(xh + th))
+        log = r * ang * v / np.linalg.norm(v) + (np.linalg.norm(t) - r) * xh
+        fi = np.maximum(f[name].ravel(), 1e-6)
+        num += wi * fi * log
+        den += wi * fi
+    assert np.linalg.norm(num / den) < 1e-5 * r
+    assert np.max(np.abs(out[name] - b[name])) > 1e-3  # the Fisher weighting changed the merge
+
+
+def test_karcher_mean_metric_weights_on_euclidean_is_fisher_weighted(rng):
+    pts = rng.standard_normal((4, 9))
+    m = rng.uniform(0.1, 3.0, (4, 9))
+    w = rng.uniform(0.2, 1.0, 4)
+    res = mm.karcher_mean(
+        mm.Euclidean(9),
+        jnp.asarray(pts, jnp.float32),
+        w,
+        metric_weights=jnp.asarray(m, jnp.float32),
+    )
+    ref = (w[:, None] * m * pts).sum(0) / (w[:, None] * m).sum(0)
+    assert bool(res.converged)
+    np.testing.assert_allclose(np.asarray(res.mean), ref, atol=1e-5)

@@ -96,17 +96,64 @@ def karcher(
     set to 0); a block whose vectors are all zero merges to zero (the base).
     """
     del key
+    return _spherical_proxy(
+        points, base, weights, max_iter, tol, step_size, norm_mean, kw["lambda"], None
+    )
+
+
+def _spherical_proxy(points, base, weights, max_iter, tol, step_size, norm_mean, lam, metric):
     vecs = points if base is None else points - base
     norms = jnp.sqrt(jnp.sum(jnp.square(vecs), axis=1))
     w = jnp.where(norms > 0, weights, 0.0)
     empty = jnp.sum(w) == 0
     w = jnp.where(empty, 1.0, w)
     solver = KarcherSolver(max_steps=int(max_iter), tol=float(tol), step_size=float(step_size))
-    res = karcher_mean(NormSphere(vecs.shape[1], norm_mean), vecs, w, solver=solver)
+    res = karcher_mean(
+        NormSphere(vecs.shape[1], norm_mean), vecs, w, solver=solver, metric_weights=metric
+    )
     mean = jnp.where(empty, 0.0, res.mean)
     info = {
         "num_steps": res.num_steps,
         "grad_norm": jnp.where(empty, 0.0, res.grad_norm),
         "converged": res.converged | empty,
     }
-    return (mean if base is None else base + kw["lambda"] * mean), info
+    return (mean if base is None else base + lam * mean), info
+
+
+@register(
+    "fisher_rao_karcher",
+    defaults={
+        "max_iter": 100,
+        "tol": KarcherSolver.tol,
+        "step_size": 1.0,
+        "norm_mean": "arithmetic",
+        "lambda": 1.0,
+        "fisher_floor": 1e-6,
+    },
+    stats=("fishers",),
+    required_stats=("fishers",),
+)
+def fisher_rao_karcher(
+    points,
+    base,
+    weights,
+    key,
+    fishers=None,
+    max_iter=100,
+    tol=1e-7,
+    step_size=1.0,
+    norm_mean="arithmetic",
+    fisher_floor=1e-6,
+    **kw,
+):
+    """Paper A's Fisher-preconditioned variant of ``karcher``: the same spherical-proxy
+    iteration with the tangent vectors weighted element-wise by diagonal Fisher estimates,
+    x <- exp_x(sum_i w_i F_i * log_x(W_i) / sum_i w_i F_i), F_i = max(fishers_i, fisher_floor),
+    so coordinates an expert is confident about pull harder. Equal (constant) Fishers give
+    ``karcher``. Pass ``fishers=[pytree, ...]`` shaped like the models.
+    """
+    del key
+    metric = jnp.maximum(fishers, fisher_floor)
+    return _spherical_proxy(
+        points, base, weights, max_iter, tol, step_size, norm_mean, kw["lambda"], metric
+    )

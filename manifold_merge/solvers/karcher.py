@@ -138,6 +138,7 @@ def karcher_mean(
     *,
     solver: KarcherSolver = KarcherSolver(),
     init: Any = None,
+    metric_weights: Any = None,
 ) -> KarcherResult:
     """Weighted Karcher mean argmin_x sum_i w_i dist(x, p_i)^2 by fixed-point iteration.
 
@@ -158,6 +159,10 @@ def karcher_mean(
             ``converged=False``.
         solver: a :class:`KarcherSolver`.
         init: optional starting point.
+        metric_weights: optional non-negative diagonal metric per point, shaped like
+            ``points`` (e.g. diagonal Fisher estimates). The tangent average becomes
+            proj_x(sum_i w_i M_i * log_x(p_i) / sum_i w_i M_i), element-wise: Paper A's
+            Fisher-preconditioned Karcher iteration. Constant M_i give the plain mean.
 
     Returns:
         A :class:`KarcherResult` ``(mean, num_steps, grad_norm, converged)``.
@@ -189,7 +194,7 @@ def karcher_mean(
         weights = validate_weights(weights, n)
     elif jnp.shape(weights) != (n,):
         raise ValueError(f"weights must have shape ({n},), got {jnp.shape(weights)}")
-    return _karcher_mean(manifold, points, weights, init, solver)
+    return _karcher_mean(manifold, points, weights, init, metric_weights, solver)
 
 
 def _masked_weighted_sum(weights, mask, logs):
@@ -204,7 +209,7 @@ def _masked_weighted_sum(weights, mask, logs):
 
 
 @functools.partial(jax.jit, static_argnames=("manifold", "solver"))
-def _karcher_mean(manifold, points, weights, init, solver):
+def _karcher_mean(manifold, points, weights, init, metric_weights, solver):
     in_dtypes = jax.tree.map(jnp.result_type, points)
     points = jax.tree.map(lambda p: p.astype(compute_dtype(p.dtype)), points)
     dtype = compute_dtype(jnp.result_type(*jax.tree.leaves(points)))
@@ -214,9 +219,20 @@ def _karcher_mean(manifold, points, weights, init, solver):
     weights = weights / jnp.where(total > 0, total, 1.0)
     mask = weights > 0
 
+    if metric_weights is not None:
+        metric_weights = jax.tree.map(lambda m, p: m.astype(p.dtype), metric_weights, points)
+        metric_total = _masked_weighted_sum(weights, mask, metric_weights)
+
     def gradient(x):
         logs = jax.vmap(manifold.log, in_axes=(None, 0))(x, points)
-        g = _masked_weighted_sum(weights, mask, logs)
+        if metric_weights is None:
+            g = _masked_weighted_sum(weights, mask, logs)
+        else:
+            scaled = jax.tree.map(jnp.multiply, metric_weights, logs)
+            num = _masked_weighted_sum(weights, mask, scaled)
+            g = manifold.proj(
+                x, jax.tree.map(lambda a, b: a / jnp.where(b > 0, b, 1.0), num, metric_total)
+            )
         return g, manifold.relative_norm(x, g)
 
     if init is None:
