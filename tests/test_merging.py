@@ -487,3 +487,20 @@ def test_karcher_mean_metric_weights_on_euclidean_is_fisher_weighted(rng):
     ref = (w[:, None] * m * pts).sum(0) / (w[:, None] * m).sum(0)
     assert bool(res.converged)
     np.testing.assert_allclose(np.asarray(res.mean), ref, atol=1e-5)
+
+
+def test_named_groups_are_one_block(rng):
+    base, models = make_models(rng, 3, tv_scale=1.0)
+    w = [0.5, 0.3, 0.2]
+    res = mm.merge("karcher", models, weights=w, groups={"dense": "dense/"})
+    xs = {k: np.stack([leaves(m)[k] for m in models]) for k in SHAPES}
+    flat = np.concatenate([xs["dense/kernel"].reshape(3, -1), xs["dense/bias"].reshape(3, -1)], 1)
+    exp = np_karcher_spherical_proxy(flat, w)
+    out = leaves(res.params)
+    np.testing.assert_allclose(out["dense/kernel"].ravel(), exp[:84], atol=2e-5)
+    np.testing.assert_allclose(out["dense/bias"], exp[84:], atol=2e-5)
+    np.testing.assert_allclose(out["conv/kernel"], np_karcher_spherical_proxy(xs["conv/kernel"], w),
+                               atol=2e-5)  # not in the group: its own block
+    assert "group:dense" in res.report and res.report["dense/bias"].shape == (7,)
+    with pytest.raises(ValueError, match="granularity='tensor'"):
+        mm.merge("linear", models, groups={"dense": "dense/"}, granularity="row")

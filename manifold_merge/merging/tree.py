@@ -17,7 +17,7 @@ from manifold_merge.merging.registry import REQUIRED, get_method
 
 GRANULARITIES = ("tensor", "row", "column")
 #: Parameters every method accepts, handled here rather than by the block functions.
-COMMON_DEFAULTS = {"granularity": "tensor", "seed": 0}
+COMMON_DEFAULTS = {"granularity": "tensor", "seed": 0, "groups": None}
 
 
 class LeafReport(NamedTuple):
@@ -180,7 +180,9 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
             ``normalize``, ...), each a scalar or a list of name-filter rules (see
             :func:`resolve_param`), plus ``granularity`` ("tensor", default; "row": one block
             per slice along axis 0; "column": along the last axis; vectors are always one
-            block) and ``seed`` (for random methods such as DARE).
+            block), ``groups`` ({name: filters}: the matching leaves form one block, flattened
+            and concatenated, e.g. ``{"attn": "re:attention/(query|key|value)"}``; reported
+            per leaf and as ``"group:<name>"``) and ``seed`` (for random methods such as DARE).
 
     Leaves that are not floating point (integer buffers, position ids, masks) are copied from
     the base, or from the first model, and must be equal across models. Floating-point leaves
@@ -240,7 +242,9 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
         base_leaves = jax.tree.leaves(base)
 
     key = jax.random.key(int(merged_params["seed"]))
-    out, report = [], {}
+    groups = _check_groups(merged_params.pop("groups"))
+    out, report = [None] * len(flat0), {}
+    grouped: dict[str, list] = {}
     for j, (path, _) in enumerate(flat0):
         name = leaf_name(path)
         xs = [jnp.asarray(lv[j]) for lv in leaves]
@@ -253,7 +257,7 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
         if b is not None and b.shape != xs[0].shape:
             raise ValueError(f"tensor {name!r}: base has shape {b.shape}, models {xs[0].shape}")
         if not jnp.issubdtype(xs[0].dtype, jnp.floating):
-            out.append(_copy_leaf(name, xs, b))
+            out[j] = _copy_leaf(name, xs, b)
             report[name] = LeafReport("copy", xs[0].shape, 0, 0, 0.0, True, 1.0, 0.0)
             continue
         leaf_params = {k: resolve_param(v, name, k) for k, v in merged_params.items()}
@@ -278,6 +282,12 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
                     f"{xs[0].shape}"
                 )
             leaf_stats[sname] = arrs
+        group = next(
+            (g for g, flts in groups.items() if any(_filter_matches(f, name) for f in flts)), None
+        )
+        if group is not None:
+            grouped.setdefault(group, []).append((j, name, xs, b, leaf_stats))
+            continue
         merged, rep = _merge_leaf(
             spec,
             name,
@@ -288,8 +298,20 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
             jax.random.fold_in(key, j),
             leaf_stats,
         )
-        out.append(merged.astype(xs[0].dtype))
+        out[j] = merged.astype(xs[0].dtype)
         report[name] = rep
+    for group, members in grouped.items():
+        _merge_group(
+            spec,
+            group,
+            members,
+            use_base,
+            w,
+            merged_params,
+            jax.random.fold_in(key, len(flat0) + sorted(grouped).index(group)),
+            out,
+            report,
+        )
     failed = [k for k, r in report.items() if not r.converged]
     if failed:
         warnings.warn(
@@ -313,6 +335,42 @@ def _stat_lookup(tree, treedef, flat0, sname, i):
     if jax.tree.structure(tree) != treedef:
         raise ValueError(f"{sname}[{i}] has a different tree structure from the models")
     return jax.tree.leaves(tree)
+
+
+def _check_groups(groups):
+    """``groups``: {group name: filter or list of filters} -> {name: [filters]}."""
+    if groups is None:
+        return {}
+    if not isinstance(groups, dict):
+        raise TypeError(f"groups must be a dict {{name: filters}}, got {type(groups).__name__}")
+    return {g: [f] if isinstance(f, str) else list(f) for g, f in groups.items()}
+
+
+def _merge_group(spec, group, members, use_base, w, merged_params, key, out, report):
+    """Merge the leaves of one named group as a single block (flattened and concatenated)."""
+    gname = f"group:{group}"
+    n = len(members[0][2])
+    xs = [jnp.concatenate([m[2][i].reshape(-1) for m in members]) for i in range(n)]
+    has_base = use_base and members[0][3] is not None
+    b = jnp.concatenate([m[3].reshape(-1) for m in members]) if has_base else None
+    stats = {}
+    for sname in members[0][4]:
+        if any(sname not in m[4] or m[4][sname][0].shape != m[2][0].shape for m in members):
+            raise ValueError(f"{gname}: {sname} must be given, shaped like the tensors, for all")
+        stats[sname] = [
+            jnp.concatenate([m[4][sname][i].reshape(-1) for m in members]) for i in range(n)
+        ]
+    params = {k: resolve_param(v, gname, k) for k, v in merged_params.items()}
+    if params["granularity"] != "tensor":
+        raise ValueError(f"{gname}: a group is one block; it needs granularity='tensor'")
+    merged, rep = _merge_leaf(spec, gname, xs, b, w, params, key, stats)
+    offset = 0
+    for j, name, mxs, _, _ in members:
+        size = mxs[0].size
+        out[j] = merged[offset : offset + size].reshape(mxs[0].shape).astype(mxs[0].dtype)
+        report[name] = rep._replace(shape=tuple(mxs[0].shape))
+        offset += size
+    report[gname] = rep
 
 
 def _copy_leaf(name, xs, b):
