@@ -72,16 +72,18 @@ def multislerp(points, base, weights, key, normalize_weights=True):
     return (out if base is None else base + out), {}
 
 
-@register(
-    "karcher",
-    defaults={
-        "max_iter": 100,
-        "tol": KarcherSolver.tol,
-        "step_size": 1.0,
-        "norm_mean": "arithmetic",
-        "lambda": 1.0,
-    },
-)
+#: Parameters of the spherical-proxy methods (mergekit's ``max_iter``; our ``tol`` bounds the
+#: Riemannian gradient, see KarcherSolver).
+KARCHER_DEFAULTS = {
+    "max_iter": 100,
+    "tol": KarcherSolver.tol,
+    "step_size": 1.0,
+    "norm_mean": "arithmetic",
+    "lambda": 1.0,
+}
+
+
+@register("karcher", defaults=KARCHER_DEFAULTS)
 def karcher(
     points, base, weights, key, max_iter=100, tol=1e-7, step_size=1.0, norm_mean="arithmetic", **kw
 ):
@@ -122,14 +124,7 @@ def _spherical_proxy(points, base, weights, max_iter, tol, step_size, norm_mean,
 
 @register(
     "fisher_rao_karcher",
-    defaults={
-        "max_iter": 100,
-        "tol": KarcherSolver.tol,
-        "step_size": 1.0,
-        "norm_mean": "arithmetic",
-        "lambda": 1.0,
-        "fisher_floor": 1e-6,
-    },
+    defaults={**KARCHER_DEFAULTS, "fisher_floor": 1e-6},
     stats=("fishers",),
     required_stats=("fishers",),
 )
