@@ -1,4 +1,4 @@
-"""Demo: merge random experts of a small MLP with the Karcher mean and with plain averaging.
+"""Demo: merge random experts of a small MLP with several methods and compare the reports.
 
 Command (about 10 s on a 2-core CPU, most of it JIT compilation):
 
@@ -22,9 +22,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # "task_vectors": average the experts' task vectors and add them to the base (needs a base);
     # "full": average the full expert weights.
     config.mode = "task_vectors"
-    config.manifold = "norm_sphere"
-    config.manifold_kwargs = ml_collections.ConfigDict({"norm_mean": "arithmetic"})
-    config.solver = ml_collections.ConfigDict({"max_steps": 100, "tol": 1e-7, "step_size": 1.0})
+    # Merge methods to compare (manifold_merge.list_methods()); ties/dare get `density`,
+    # task_arithmetic averages (normalize=True): the Euclidean mean of the task vectors.
+    config.methods = ("task_arithmetic", "nre", "multislerp", "ties", "karcher")
+    config.density = 0.3
+    # Parameters of the karcher solver and its norm rule ("arithmetic" | "geometric").
+    config.karcher = ml_collections.ConfigDict(
+        {"max_iter": 100, "tol": 1e-7, "step_size": 1.0, "norm_mean": "arithmetic"}
+    )
     # Unnormalised per-expert weights; empty means uniform.
     config.weights = ()
     if arg == "smoke":
