@@ -154,16 +154,12 @@ def _run_blocks(block_fn, points, base, weights, keys, stats, params):
 
 def _spread(vectors: jax.Array) -> float:
     """Largest pairwise angle between rows of (N, D) vectors (0 for N = 1 or zero rows)."""
-    n = vectors.shape[0]
-    norms = jnp.linalg.norm(vectors, axis=1, keepdims=True)
-    units = vectors / jnp.where(norms > 0, norms, 1.0)
-    angles = [
-        float(sphere_angle(units[i], units[j]))
-        for i in range(n)
-        for j in range(i + 1, n)
-        if norms[i, 0] > 0 and norms[j, 0] > 0
-    ]
-    return max(angles, default=0.0)
+    norms = jnp.linalg.norm(vectors, axis=1)
+    units = vectors / jnp.where(norms > 0, norms, 1.0)[:, None]
+    pairwise = jax.vmap(jax.vmap(sphere_angle, in_axes=(None, 0)), in_axes=(0, None))
+    angles = pairwise(units, units)  # one device computation, not N^2 host round trips
+    valid = (norms[:, None] > 0) & (norms[None, :] > 0)
+    return float(jnp.max(jnp.where(valid, angles, 0.0)))
 
 
 def merge(method: str, models, *, base=None, weights=None, **params) -> MergeResult:
