@@ -151,3 +151,54 @@ def np_karcher_spherical_proxy(xs, w, base=None):
     d = sphere_karcher(v[keep], w[keep])
     out = (d * (w @ norms) / w.sum()).reshape(xs.shape[1:])
     return out if base is None else base + out
+
+
+# ------------------------------------------------------------------------- LoRA (dense, float64)
+def np_tsvd(x, rank):
+    """Best rank-``rank`` approximation of a dense matrix (Eckart-Young)."""
+    u, s, vt = np.linalg.svd(np.asarray(x, np.float64), full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vt[:rank]
+
+
+def _np_prune(rows, density):
+    k = int(density * rows.shape[1])
+    out = np.zeros_like(rows)
+    for i, t in enumerate(rows):
+        idx = np.argsort(-np.abs(t), kind="stable")[:k]
+        out[i, idx] = t[idx]
+    return out
+
+
+def _np_disjoint_mean(rows, w):
+    weighted = rows * w[:, None]
+    sign = np.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    mask = np.sign(weighted) == sign
+    div = (w[:, None] * mask).sum(0)
+    div[div == 0] = 1
+    return (weighted * mask).sum(0) / div
+
+
+def np_knots_ties(deltas, w, density, rank):
+    """KnOTS-TIES on dense updates: SVD of [dW_1 ... dW_N] = U S [V_1^T ... V_N^T] (top R
+    triplets, R = the concatenation's rank), TIES on the rows of each V_i^T, U S V*^T, rank cut."""
+    deltas = [np.asarray(d, np.float64) for d in deltas]
+    n = deltas[0].shape[1]
+    u, s, vt = np.linalg.svd(np.concatenate(deltas, axis=1), full_matrices=False)
+    k = int(np.sum(s > s[0] * 1e-10))
+    u, s, vt = u[:, :k], s[:k], vt[:k]
+    blocks = np.stack([vt[:, i * n : (i + 1) * n].reshape(-1) for i in range(len(deltas))])
+    merged = _np_disjoint_mean(_np_prune(blocks, density), np.asarray(w, np.float64))
+    return np_tsvd((u * s) @ merged.reshape(k, n), rank)
+
+
+def np_ties_canonical(deltas, w, density, rank):
+    """TIES in the canonical bases of the updates (left singular vectors of [dW_1 ... dW_N] and
+    of [dW_1^T ... dW_N^T]), lifted back and truncated: lora_ties_svd's definition, dense."""
+    deltas = [np.asarray(d, np.float64) for d in deltas]
+    big_r = int(np.linalg.matrix_rank(np.concatenate(deltas, axis=1)))
+    u = np.linalg.svd(np.concatenate(deltas, axis=1), full_matrices=False)[0][:, :big_r]
+    v = np.linalg.svd(np.concatenate([d.T for d in deltas], axis=1), full_matrices=False)[0]
+    v = v[:, :big_r]
+    cores = np.stack([(u.T @ d @ v).reshape(-1) for d in deltas])
+    merged = _np_disjoint_mean(_np_prune(cores, density), np.asarray(w, np.float64))
+    return np_tsvd(u @ merged.reshape(big_r, big_r) @ v.T, rank)

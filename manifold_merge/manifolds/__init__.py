@@ -13,6 +13,7 @@ from manifold_merge.manifolds.base import (
 )
 from manifold_merge.manifolds.euclidean import Euclidean
 from manifold_merge.manifolds.fisher_rao import FisherRao
+from manifold_merge.manifolds.lora import LoraFactors, LoraQuotient
 from manifold_merge.manifolds.norm_sphere import NormSphere
 from manifold_merge.manifolds.product import ProductManifold
 from manifold_merge.manifolds.registry import get_manifold, list_manifolds, register_manifold
@@ -23,11 +24,14 @@ register_manifold("sphere")(Sphere)
 register_manifold("fisher_rao")(FisherRao)
 register_manifold("norm_sphere")(NormSphere)
 register_manifold("product")(ProductManifold)
+register_manifold("lora_quotient")(LoraQuotient)
 
 __all__ = [
     "AbstractManifold",
     "Euclidean",
     "FisherRao",
+    "LoraFactors",
+    "LoraQuotient",
     "NormSphere",
     "ProductManifold",
     "Sphere",

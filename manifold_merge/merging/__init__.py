@@ -5,7 +5,7 @@ Each method is a block function registered by name (mergekit's names where they 
 resolves per-name parameter filters and runs the jitted, vmapped block function.
 """
 
-from manifold_merge.merging import fisher, linear, sparse, spherical  # noqa: F401 (registers)
+from manifold_merge.merging import fisher, linear, lora, sparse, spherical  # noqa: F401 (registers)
 from manifold_merge.merging.registry import REQUIRED, MethodSpec, get_method, list_methods, register
 from manifold_merge.merging.tree import LeafReport, MergeResult, merge, resolve_param
 

@@ -33,6 +33,10 @@ class MethodSpec:
         required_stats: those of ``stats`` the method cannot run without.
         stat_shapes_free: statistics may have other shapes than the leaf (e.g. RegMean's
             (d_in, d_in) Grams); they are then passed whole, with granularity "tensor".
+        lora: a LoRA method: ``block_fn(factors, weights, key, **params) -> (LoraFactors,
+            info)`` on the list of one module's :class:`~manifold_merge.manifolds.LoraFactors`
+            (scaling folded into ``b``; ranks may differ), applied to the ``LoraFactors``
+            leaves of the adapters.
     """
 
     name: str
@@ -46,6 +50,7 @@ class MethodSpec:
     stats: tuple[str, ...] = ()
     required_stats: tuple[str, ...] = ()
     stat_shapes_free: bool = False
+    lora: bool = False
 
 
 #: Default of a parameter the user must set (e.g. TIES' ``density``).
@@ -64,6 +69,7 @@ def register(
     stats: tuple[str, ...] = (),
     required_stats: tuple[str, ...] = (),
     stat_shapes_free: bool = False,
+    lora: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``block_fn`` as merge method ``name``.
 
@@ -92,6 +98,7 @@ def register(
             stats=tuple(stats),
             required_stats=tuple(required_stats),
             stat_shapes_free=stat_shapes_free,
+            lora=lora,
         )
         return fn
 

@@ -13,11 +13,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from manifold_merge.manifolds.base import sphere_angle
+from manifold_merge.manifolds.lora import LoraFactors, core_space
 from manifold_merge.merging.registry import REQUIRED, get_method
 
 GRANULARITIES = ("tensor", "row", "column")
 #: Parameters every method accepts, handled here rather than by the block functions.
 COMMON_DEFAULTS = {"granularity": "tensor", "seed": 0, "groups": None}
+#: Parameters every LoRA method accepts in addition: ``dense=True`` returns m x n arrays;
+#: ``scaling``: per-adapter LoRA scales s_i (alpha / r, or alpha / sqrt(r) for rsLoRA),
+#: multiplied into b (a list of N numbers, or name-filter rules whose values are such lists).
+LORA_DEFAULTS = {"dense": False, "scaling": None}
+
+
+def _is_lora(x) -> bool:
+    return isinstance(x, LoraFactors)
 
 
 class LeafReport(NamedTuple):
@@ -93,7 +102,7 @@ def resolve_param(value: Any, name: str, param: str) -> Any:
 
 
 def _check_params(spec, params: dict) -> None:
-    known = {**COMMON_DEFAULTS, **spec.defaults}
+    known = {**COMMON_DEFAULTS, **(LORA_DEFAULTS if spec.lora else {}), **spec.defaults}
     for key in params:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
@@ -182,8 +191,20 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
 
     Leaves that are not floating point (integer buffers, position ids, masks) are copied from
     the base, or from the first model, and must be equal across models. Floating-point leaves
-    must be finite. Computation is in float32 (float64 stays float64); each merged leaf comes
-    back in the dtype of the first model's leaf.
+    must be finite.
+
+    LoRA adapters: with a LoRA method (``lora_linear``, ``lora_cat``, ``lora_svd``,
+    ``lora_ties_svd``, ``lora_dare_svd``, ``knots``, ``core_space``, ``geomerge``; see
+    :mod:`manifold_merge.merging.lora`) each model is an adapter pytree whose LoRA leaves are
+    :class:`~manifold_merge.manifolds.LoraFactors` (a bare ``LoraFactors`` is an adapter too),
+    with any LoRA scaling folded into ``b`` (or given as ``scaling=[s_1, ..., s_N]``). Each
+    ``LoraFactors`` is merged as one unit (ranks may differ across adapters; ``rank=`` sets
+    the output rank) into ``LoraFactors``, or into the dense m x n update with ``dense=True``.
+    Other floating-point leaves of an adapter (heads, ``modules_to_save``) get the normalised
+    weighted average.
+
+    Computation is in float32 (float64 stays float64); each merged leaf comes back in the
+    dtype of the first model's leaf.
 
     Returns:
         :class:`MergeResult` ``(params, report)``.
@@ -213,17 +234,22 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
         raise ValueError(f"merge method {method!r} needs a base model (base=...)")
     _check_params(spec, params)
     w = _check_weights(spec, weights, n)
-    merged_params = {**COMMON_DEFAULTS, **spec.defaults, **params}
+    merged_params = {
+        **COMMON_DEFAULTS,
+        **(LORA_DEFAULTS if spec.lora else {}),
+        **spec.defaults,
+        **params,
+    }
     if spec.check is not None:
         spec.check(merged_params, w if weights is not None else None, n, base is not None)
     use_base = base is not None and spec.uses_base
 
-    flat0, treedef = jax.tree_util.tree_flatten_with_path(models[0])
+    flat0, treedef = jax.tree_util.tree_flatten_with_path(models[0], is_leaf=_is_lora)
     leaves = [[leaf for _, leaf in flat0]]
     for i, m in enumerate(models[1:], start=1):
-        if jax.tree.structure(m) != treedef:
+        if jax.tree.structure(m, is_leaf=_is_lora) != treedef:
             raise ValueError(f"model {i} has a different tree structure from model 0")
-        leaves.append(jax.tree.leaves(m))
+        leaves.append(jax.tree.leaves(m, is_leaf=_is_lora))
     stat_leaves = {}
     for sname, trees in stats.items():
         if not isinstance(trees, (list, tuple)) or len(trees) != n:
@@ -242,7 +268,12 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
     out, report = [None] * len(flat0), {}
     grouped: dict[str, list] = {}
     for j, (path, _) in enumerate(flat0):
-        name = leaf_name(path)
+        name = leaf_name(path) or "adapter"
+        if any(_is_lora(lv[j]) for lv in leaves):
+            out[j], report[name] = _merge_lora_leaf(
+                spec, name, [lv[j] for lv in leaves], w, merged_params, jax.random.fold_in(key, j)
+            )
+            continue
         xs = [jnp.asarray(lv[j]) for lv in leaves]
         for i, x in enumerate(xs):
             if x.shape != xs[0].shape:
@@ -255,6 +286,19 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
         if not jnp.issubdtype(xs[0].dtype, jnp.floating):
             out[j] = _copy_leaf(name, xs, b)
             report[name] = LeafReport("copy", xs[0].shape, 0, 0, 0.0, True, 1.0, 0.0)
+            continue
+        if spec.lora:  # a plain leaf of an adapter (head, modules_to_save): weighted average
+            merged, rep = _merge_leaf(
+                get_method("linear"),
+                name,
+                xs,
+                None,
+                w,
+                {"granularity": "tensor", "seed": 0, "normalize": True},
+                jax.random.fold_in(key, j),
+                {},
+            )
+            out[j], report[name] = merged.astype(xs[0].dtype), rep
             continue
         leaf_params = {k: resolve_param(v, name, k) for k, v in merged_params.items()}
         leaf_stats = {}
@@ -317,6 +361,76 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
             stacklevel=2,
         )
     return MergeResult(jax.tree.unflatten(treedef, out), report)
+
+
+@functools.partial(jax.jit, static_argnames=("block_fn", "params"))
+def _run_lora(block_fn, factors, weights, key, params):
+    return block_fn(factors, weights, key, **dict(params))
+
+
+def _merge_lora_leaf(spec, name, fs, w, merged_params, key):
+    """Merge one module's adapters (a list of LoraFactors) with a LoRA method."""
+    if not spec.lora:
+        raise ValueError(
+            f"tensor {name!r} is a LoRA adapter (LoraFactors) but {spec.name!r} merges full "
+            "weights; use a LoRA method (lora_svd, geomerge, ...) or merge the dense updates"
+        )
+    bad = [i for i, f in enumerate(fs) if not _is_lora(f)]
+    if bad:
+        raise ValueError(f"tensor {name!r}: LoraFactors in some adapters, not in {bad}")
+    params = {k: resolve_param(v, name, k) for k, v in merged_params.items()}
+    params.pop("seed")
+    params.pop("groups", None)
+    dense = params.pop("dense")
+    scaling = params.pop("scaling")
+    if params.pop("granularity") != "tensor":
+        raise ValueError(f"tensor {name!r}: a LoRA adapter is merged whole (granularity 'tensor')")
+    m, n = jnp.shape(fs[0].b)[0], jnp.shape(fs[0].a)[-1]
+    for i, f in enumerate(fs):
+        bs, as_ = jnp.shape(f.b), jnp.shape(f.a)
+        if len(bs) != 2 or len(as_) != 2 or bs[1] != as_[0]:
+            raise ValueError(
+                f"tensor {name!r}: adapter {i} has b {bs} and a {as_}; expected b (m, r), a (r, n)"
+            )
+        if (bs[0], as_[1]) != (m, n):
+            raise ValueError(
+                f"tensor {name!r}: adapter {i} updates a {bs[0]}x{as_[1]} matrix, adapter 0 a "
+                f"{m}x{n} one"
+            )
+    out_dtype = jnp.result_type(fs[0].b)
+    dtype = jnp.promote_types(jnp.result_type(*[f.b for f in fs], *[f.a for f in fs]), jnp.float32)
+    fs = [LoraFactors(jnp.asarray(f.b, dtype), jnp.asarray(f.a, dtype)) for f in fs]
+    if scaling is not None:
+        s = np.asarray(scaling, np.float64)
+        if s.shape != (len(fs),) or not np.all(np.isfinite(s)):
+            raise ValueError(
+                f"tensor {name!r}: scaling must be {len(fs)} finite numbers (one LoRA scale "
+                f"per adapter), got {scaling!r}"
+            )
+        fs = [LoraFactors(f.b * float(si), f.a) for f, si in zip(fs, s)]
+    for i, f in enumerate(fs):
+        if not bool(jnp.all(jnp.isfinite(f.b)) & jnp.all(jnp.isfinite(f.a))):
+            raise ValueError(f"tensor {name!r}: adapter {i} has NaN or Inf values")
+    merged, info = _run_lora(
+        spec.block_fn, fs, jnp.asarray(w, dtype), key, tuple(sorted(params.items()))
+    )
+    # Report figures from the cores (Frobenius products of the updates, never m x n).
+    cores = jnp.stack([c.reshape(-1) for c in core_space(fs).cores()])
+    mean_norm = float(jnp.mean(jnp.linalg.norm(cores, axis=1)))
+    out_norm = float(jnp.sqrt(jnp.sum((merged.b.T @ merged.b) * (merged.a @ merged.a.T))))
+    rep = LeafReport(
+        method=spec.name,
+        shape=(int(m), int(n)),
+        blocks=1,
+        num_steps=int(info["num_steps"]) if "num_steps" in info else 0,
+        grad_norm=float(info["grad_norm"]) if "grad_norm" in info else 0.0,
+        converged=bool(info["converged"]) if "converged" in info else True,
+        norm_ratio=out_norm / mean_norm if mean_norm > 0 else 1.0,
+        angle_spread=_spread(cores),
+    )
+    if dense:
+        return (merged.b @ merged.a).astype(out_dtype), rep
+    return LoraFactors(merged.b.astype(out_dtype), merged.a.astype(out_dtype)), rep
 
 
 def _stat_lookup(tree, treedef, flat0, sname, i):
