@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tracemalloc
 
 import jax.numpy as jnp
@@ -884,3 +885,47 @@ def test_merge_rejects_different_other_tensors(tmp_path, rng):
         merge_peft_adapters([a, b], tmp_path / "m", "lora_cat")
     with pytest.raises(TypeError, match="list"):
         merge_peft_adapters(a, tmp_path / "m", "lora_cat")
+
+
+def _reparametrised_copy(src, dst, rng):
+    """The same adapter with every module's (B, A) replaced by (B M, M^-1 A), M random in GL(r)."""
+    tensors = safetensors.numpy.load_file(os.path.join(src, "adapter_model.safetensors"))
+    for name in ATTN + [EMBED]:
+        b_key, a_key = _factor_keys(P + name)
+        b, a = tensors[b_key].astype(np.float64), tensors[a_key].astype(np.float64)
+        r = b.shape[1]
+        m = np.linalg.qr(rng.standard_normal((r, r)))[0] @ np.diag(rng.uniform(0.6, 1.6, r))
+        tensors[b_key] = (b @ m).astype(np.float32)
+        tensors[a_key] = np.linalg.solve(m, a).astype(np.float32)
+    os.makedirs(dst)
+    safetensors.numpy.save_file(tensors, os.path.join(dst, "adapter_model.safetensors"))
+    shutil.copy(os.path.join(src, "adapter_config.json"), dst)
+
+
+def test_merge_peft_folders_with_quotient_methods(tmp_path, rng):
+    paths = []
+    head = {"weight": rng.standard_normal((2, HIDDEN)).astype(np.float32)}
+    for i, spec in enumerate([dict(r=4, lora_alpha=8), dict(r=4, lora_alpha=16, use_rslora=True)]):
+        paths.append(str(tmp_path / f"a{i}"))
+        make_adapter(paths[-1], rng, classifier=head, **spec)
+    moved = [str(tmp_path / f"moved{i}") for i in range(2)]
+    for p, q in zip(paths, moved):
+        _reparametrised_copy(p, q, rng)
+    w = [0.4, 0.6]
+    merge_peft_adapters(paths, tmp_path / "svd", "lora_svd", weights=w, rank=3)
+    _, _, deltas = _reconstruct(tmp_path / "svd")
+    _, _, inputs0 = _reconstruct(paths[0])
+    _, _, inputs1 = _reconstruct(paths[1])
+    for name in ATTN + [EMBED]:
+        total = w[0] * inputs0[name] + w[1] * inputs1[name]
+        u, s, vt = np.linalg.svd(total)
+        want = (u[:, :3] * s[:3]) @ vt[:3]
+        np.testing.assert_allclose(deltas[name], want, atol=1e-4 * np.abs(want).max())
+    # geomerge depends on the updates only: reparametrised folders give the same adapter.
+    merge_peft_adapters(paths, tmp_path / "g0", "geomerge", weights=w)
+    merge_peft_adapters(moved, tmp_path / "g1", "geomerge", weights=w)
+    _, _, d0 = _reconstruct(tmp_path / "g0")
+    _, _, d1 = _reconstruct(tmp_path / "g1")
+    for name in ATTN + [EMBED]:
+        err = np.linalg.norm(d1[name] - d0[name]) / np.linalg.norm(d0[name])
+        assert err < 1e-4, (name, err)

@@ -311,7 +311,7 @@ def test_geomerge_converges_on_spread_out_adapters_float32(rng):
         res = merge("geomerge", fs)
     rep = res.report["adapter"]
     assert rep.converged and res.params.b.dtype == jnp.float32
-    assert 0 < rep.num_steps < 200
+    assert 0 < rep.num_steps < 1000
 
 
 def test_toy_problem():

@@ -341,7 +341,7 @@ GEOMERGE_DEFAULTS = {
     "normalize": False,
     "metric": "scaled",
     "approx": None,
-    "max_iter": 200,
+    "max_iter": 1000,
     "tol": KarcherSolver.tol,
     "step_size": 1.0,
 }
@@ -368,7 +368,7 @@ def geomerge(
     normalize=False,
     metric="scaled",
     approx=None,
-    max_iter=200,
+    max_iter=1000,
     tol=1e-7,
     step_size=1.0,
 ):
