@@ -38,6 +38,7 @@ setup(
             "ipykernel>=6.29",
         ],
     },
+    entry_points={"console_scripts": ["manifold-merge = manifold_merge.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

@@ -512,3 +512,10 @@ def test_named_groups_are_one_block(rng):
     assert "group:dense" in res.report and res.report["dense/bias"].shape == (7,)
     with pytest.raises(ValueError, match="granularity='tensor'"):
         mm.merge("linear", models, groups={"dense": "dense/"}, granularity="row")
+
+
+def test_integer_leaves_keep_their_dtype_without_x64(rng):
+    ids = np.arange(6, dtype=np.int64).reshape(1, 6) + 2**40  # needs int64
+    models = [{"ids": ids, "w": jnp.asarray(rng.normal(size=3), jnp.float32)} for _ in range(2)]
+    out = mm.merge("linear", models).params
+    assert out["ids"].dtype == np.int64 and np.array_equal(out["ids"], ids)

@@ -274,16 +274,19 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
                 spec, name, [lv[j] for lv in leaves], w, merged_params, jax.random.fold_in(key, j)
             )
             continue
-        xs = [jnp.asarray(lv[j]) for lv in leaves]
+        # Non-float leaves stay NumPy (int64 position ids must not become int32 without x64).
+        is_float = jnp.issubdtype(jnp.result_type(leaves[0][j]), jnp.floating)
+        to_array = jnp.asarray if is_float else np.asarray
+        xs = [to_array(lv[j]) for lv in leaves]
         for i, x in enumerate(xs):
             if x.shape != xs[0].shape:
                 raise ValueError(
                     f"tensor {name!r}: model {i} has shape {x.shape}, model 0 has {xs[0].shape}"
                 )
-        b = None if base_leaves is None else jnp.asarray(base_leaves[j])
+        b = None if base_leaves is None else to_array(base_leaves[j])
         if b is not None and b.shape != xs[0].shape:
             raise ValueError(f"tensor {name!r}: base has shape {b.shape}, models {xs[0].shape}")
-        if not jnp.issubdtype(xs[0].dtype, jnp.floating):
+        if not is_float:
             out[j] = _copy_leaf(name, xs, b)
             report[name] = LeafReport("copy", xs[0].shape, 0, 0, 0.0, True, 1.0, 0.0)
             continue
@@ -486,7 +489,7 @@ def _merge_group(spec, group, members, use_base, w, merged_params, key, out, rep
 def _copy_leaf(name, xs, b):
     ref = xs[0] if b is None else b
     for i, x in enumerate(xs):
-        if not bool(jnp.array_equal(x, ref)):
+        if not np.array_equal(x, ref):
             raise ValueError(
                 f"tensor {name!r} ({x.dtype}) is not floating point, so it is copied, but "
                 f"model {i} differs from the {'base' if b is not None else 'first model'}"
