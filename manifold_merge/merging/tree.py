@@ -161,14 +161,25 @@ def _run_blocks(block_fn, points, base, weights, keys, stats, params):
     return jax.vmap(one, in_axes=in_axes)(points, base, keys, stats)
 
 
-def _spread(vectors: jax.Array) -> float:
-    """Largest pairwise angle between rows of (N, D) vectors (0 for N = 1 or zero rows)."""
+@jax.jit
+def _max_pair_angle(vectors):
     norms = jnp.linalg.norm(vectors, axis=1)
     units = vectors / jnp.where(norms > 0, norms, 1.0)[:, None]
-    pairwise = jax.vmap(jax.vmap(sphere_angle, in_axes=(None, 0)), in_axes=(0, None))
-    angles = pairwise(units, units)  # one device computation, not N^2 host round trips
-    valid = (norms[:, None] > 0) & (norms[None, :] > 0)
-    return float(jnp.max(jnp.where(valid, angles, 0.0)))
+    i, j = np.triu_indices(vectors.shape[0], k=1)
+
+    def angle(ij):  # one pair at a time: O(D) temporaries, not O(N^2 D)
+        a, b = ij
+        ok = (norms[a] > 0) & (norms[b] > 0)
+        return jnp.where(ok, sphere_angle(units[a], units[b]), 0.0)
+
+    return jnp.max(jax.lax.map(angle, (jnp.asarray(i), jnp.asarray(j))))
+
+
+def _spread(vectors: jax.Array) -> float:
+    """Largest pairwise angle between rows of (N, D) vectors (0 for N = 1 or zero rows)."""
+    if vectors.shape[0] < 2:
+        return 0.0
+    return float(_max_pair_angle(vectors))  # one device computation, not N^2 host round trips
 
 
 def merge(method: str, models, *, base=None, weights=None, **params) -> MergeResult:
