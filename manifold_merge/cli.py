@@ -52,7 +52,7 @@ import numpy as np
 from manifold_merge.io.hf import CheckpointWriter, copy_aux_files, open_checkpoint, parse_size
 from manifold_merge.io.hf import to_dtype as _to_dtype
 from manifold_merge.io.merge_config import ConfigError, MergePlan, load_merge_config
-from manifold_merge.io.safetensors import DTYPES, _umask, atomic_write, dtype_name
+from manifold_merge.io.safetensors import DTYPES, _umask, atomic_write, dtype_name, replace_folder
 from manifold_merge.merging import merge, resolve_param
 
 PROG = "manifold-merge"
@@ -552,22 +552,6 @@ def _run_item(job: _Job, item: _Item) -> dict[str, tuple[np.ndarray, dict]]:
 # -- output -------------------------------------------------------------------------------
 
 
-def _replace_folder(tmp: Path, folder: Path) -> None:
-    """Rename the complete ``tmp`` onto ``folder``; an existing ``folder`` is set aside and
-    restored if the rename fails, removed once it succeeded."""
-    if not folder.exists():
-        os.rename(tmp, folder)
-        return
-    old = folder.parent / f".{folder.name}.old-{secrets.token_hex(4)}"
-    os.rename(folder, old)
-    try:
-        os.rename(tmp, folder)
-    except BaseException:
-        os.rename(old, folder)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_report(path: Path, out: Path, tmp: Path, report: dict) -> None:
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
     target = path.absolute()
@@ -677,7 +661,7 @@ def _merge_checkpoints(args, plan: MergePlan, out: Path, notes: list[str]) -> in
                     warnings=list(notes),
                 )
                 _write_report(Path(args.report), out.absolute(), tmp, report)
-            _replace_folder(tmp, out)
+            replace_folder(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -776,7 +760,7 @@ def _merge_adapters(args, plan: MergePlan, out: Path, notes: list[str]) -> int:
                 warnings=list(notes),
             )
             _write_report(Path(args.report), out.absolute(), tmp, report)
-        _replace_folder(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

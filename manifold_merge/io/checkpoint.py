@@ -21,6 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from manifold_merge.io.safetensors import replace_folder
+
 SEP = "/"
 # Orbax names each array on disk by its keys joined with "."; two leaves whose joined names
 # agree would overwrite each other.
@@ -176,16 +178,7 @@ def save_params(path: str | os.PathLike, params: Mapping[str, Any], *, force: bo
             ckptr.wait_until_finished()
         if not is_orbax_checkpoint(new):
             raise RuntimeError(f"Orbax did not finish writing the checkpoint for {str(path)!r}")
-        if os.path.lexists(path):
-            old = tmp / "old"
-            os.rename(path, old)
-            try:
-                os.rename(new, path)
-            except BaseException:
-                os.rename(old, path)
-                raise
-        else:
-            os.rename(new, path)
+        replace_folder(new, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import secrets
 import shutil
 import tempfile
 import warnings
@@ -33,6 +32,7 @@ from manifold_merge.io.safetensors import (
     _umask,
     atomic_write,
     dtype_name,
+    replace_folder,
     write_safetensors,
 )
 from manifold_merge.manifolds.lora import LoraFactors
@@ -407,22 +407,6 @@ def _make_parents(folder: Path) -> list[Path]:
     return list(reversed(missing))
 
 
-def _replace_folder(tmp: Path, folder: Path) -> None:
-    """Move the complete ``tmp`` to ``folder``; an existing ``folder`` is set aside first and
-    restored if the move fails, removed once it succeeded."""
-    if not folder.exists():
-        os.rename(tmp, folder)
-        return
-    old = folder.parent / f".{folder.name}.old-{secrets.token_hex(4)}"
-    os.rename(folder, old)
-    try:
-        os.rename(tmp, folder)
-    except BaseException:
-        os.rename(old, folder)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_peft_adapter(
     path: str | os.PathLike, adapter: PeftAdapter, *, overwrite: bool = False
 ) -> None:
@@ -473,7 +457,7 @@ def write_peft_adapter(
         atomic_write(tmp / CONFIG_FILE, lambda fh: fh.write(config_text), mode="w")
         write_safetensors(tmp / WEIGHTS_FILE, tensors, metadata)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 is wrong for a shared adapter
-        _replace_folder(tmp, folder)
+        replace_folder(tmp, folder)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

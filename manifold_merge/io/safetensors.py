@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -460,3 +462,26 @@ def write_safetensors(
                 fh.write(arr.reshape(-1).view(np.uint8).data)
 
     atomic_write(path, write)
+
+
+def replace_folder(tmp: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Rename the complete folder ``tmp`` onto ``folder`` (on the same file system).
+
+    An existing ``folder`` is set aside first, restored if the rename fails and removed once it
+    succeeded, so ``folder`` is always either the old or the complete new one.
+    """
+    tmp, folder = Path(tmp), Path(folder)
+    if not os.path.lexists(folder):
+        os.rename(tmp, folder)
+        return
+    old = folder.parent / f".{folder.name}.old-{secrets.token_hex(4)}"
+    os.rename(folder, old)
+    try:
+        os.rename(tmp, folder)
+    except BaseException:
+        os.rename(old, folder)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
