@@ -380,7 +380,7 @@ def test_adapter_pytrees_merge_module_by_module(rng):
         "lora_svd",
         ads,
         weights=w,
-        rank={"default": 2} and [{"filter": "value", "value": 1}, {"value": 2}],
+        rank=[{"filter": "value", "value": 1}, {"value": 2}],
     )
     assert isinstance(res.params["layer0"]["query"], LoraFactors)
     assert res.params["layer0"]["query"].b.shape == (12, 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from manifold_merge.manifolds.approx import ExactLog, FirstOrder, FrozenMetric
 from manifold_merge.manifolds.registry import get_manifold
 from manifold_merge.merging.registry import register
 from manifold_merge.solvers.karcher import KarcherSolver, karcher_mean
@@ -30,7 +31,7 @@ def fisher(points, base, weights, key, fishers=None, fisher_floor=1e-6):
     return fisher_weighted(points, weights, fishers, fisher_floor), {}
 
 
-APPROXIMATIONS = ("exact", "first_order", "frozen_metric")
+APPROXIMATIONS = tuple(a.name for a in (ExactLog, FirstOrder, FrozenMetric))
 METRICS = ("identity", "fisher")
 
 

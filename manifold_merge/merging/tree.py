@@ -101,8 +101,13 @@ def resolve_param(value: Any, name: str, param: str) -> Any:
     )
 
 
+def _all_defaults(spec) -> dict:
+    """Every parameter ``spec``'s method accepts, with its default."""
+    return {**COMMON_DEFAULTS, **(LORA_DEFAULTS if spec.lora else {}), **spec.defaults}
+
+
 def _check_params(spec, params: dict) -> None:
-    known = {**COMMON_DEFAULTS, **(LORA_DEFAULTS if spec.lora else {}), **spec.defaults}
+    known = _all_defaults(spec)
     for key in params:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
@@ -245,12 +250,7 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
         raise ValueError(f"merge method {method!r} needs a base model (base=...)")
     _check_params(spec, params)
     w = _check_weights(spec, weights, n)
-    merged_params = {
-        **COMMON_DEFAULTS,
-        **(LORA_DEFAULTS if spec.lora else {}),
-        **spec.defaults,
-        **params,
-    }
+    merged_params = {**_all_defaults(spec), **params}
     if spec.check is not None:
         spec.check(merged_params, w if weights is not None else None, n, base is not None)
     use_base = base is not None and spec.uses_base
