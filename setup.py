@@ -28,6 +28,9 @@ setup(
         "PyYAML>=6.0",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        # Data and text: sklearn's bundled 8x8 digits; Hugging Face's WordPiece tokenizer.
+        "scikit-learn>=1.4",
+        "tokenizers>=0.19",
     ],
     extras_require={
         "test": [
