@@ -440,13 +440,15 @@ def _shard_count(sizes: list[int], limit: int | None) -> int:
 # -- merging ------------------------------------------------------------------------------
 
 
-def _read(reader, name: str) -> np.ndarray:
+def _read(reader, name: str, out_dtype: str | None) -> np.ndarray:
+    """The stored tensor, memory-mapped and uncopied: merge computes in float32 or better and
+    rounds its result once, to the first model's dtype. Only when the output dtype is wider
+    than the storage dtype (bf16 in, float32 out) is the input widened here, so that the
+    float32 result is not rounded to bf16 on the way."""
     arr = np.asarray(reader.get(name))
-    # Compute in float32 or better whatever the storage dtype (merge promotes too, but would
-    # round its result back to the input dtype before we convert to the output dtype).
-    if arr.dtype.kind == "f" or str(arr.dtype) == "bfloat16":
-        if arr.dtype.itemsize < 4:
-            arr = arr.astype(np.float32)
+    if out_dtype is not None and (arr.dtype.kind == "f" or str(arr.dtype) == "bfloat16"):
+        if np.dtype(_np_dtype_name(out_dtype)).itemsize > arr.dtype.itemsize:
+            arr = arr.astype(np.float32 if arr.dtype.itemsize < 4 else np.float64)
     return arr
 
 
@@ -502,11 +504,11 @@ def _run_item(job: _Job, item: _Item) -> dict[str, tuple[np.ndarray, dict]]:
     key = item.group or names[0]
     if item.group is None and not _is_float_tensor(job, item, key):
         return {key: _copy_exact(job, key, holders)}
-    models = [{nm: _read(job.readers[i], nm) for nm in names} for i in holders]
+    models = [{nm: _read(job.readers[i], nm, out_dtype) for nm in names} for i in holders]
     first_dtype = {nm: _np_dtype_name(job.info(holders[0], nm)[0]) for nm in names}
     base = None
     if job.base is not None:
-        base = {nm: _read(job.base, nm) for nm in names}
+        base = {nm: _read(job.base, nm, out_dtype) for nm in names}
     weights = plan.weights_for(names[0], holders)
     for nm in names[1:]:
         if plan.weights_for(nm, holders) != weights:

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from manifold_merge.manifolds.base import sphere_angle
 from manifold_merge.manifolds.lora import LoraFactors, core_space
 from manifold_merge.merging.registry import REQUIRED, get_method
 
@@ -155,7 +154,6 @@ def _unblocks(blocks: jax.Array, shape: tuple, granularity: str) -> jax.Array:
     return jnp.moveaxis(blocks.reshape((shape[-1],) + shape[:-1]), 0, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("block_fn", "params"))
 def _run_blocks(block_fn, points, base, weights, keys, stats, params):
     kwargs = dict(params)
 
@@ -166,18 +164,30 @@ def _run_blocks(block_fn, points, base, weights, keys, stats, params):
     return jax.vmap(one, in_axes=in_axes)(points, base, keys, stats)
 
 
-@jax.jit
-def _max_pair_angle(vectors):
-    norms = jnp.linalg.norm(vectors, axis=1)
-    units = vectors / jnp.where(norms > 0, norms, 1.0)[:, None]
-    i, j = np.triu_indices(vectors.shape[0], k=1)
+def _pair_angle_max(vectors, norms):
+    """Largest pairwise angle between the vectors (a list of N arrays, or the rows of an
+    (N, D) array) with the given norms (0 for a zero vector), in the atan2 form of
+    :func:`sphere_angle`, 2 atan2(||u_a - u_b||, ||u_a + u_b||) for the unit vectors u.
 
-    def angle(ij):  # one pair at a time: O(D) temporaries, not O(N^2 D)
-        a, b = ij
+    Each pair is one reduction over elementwise expressions of the inputs, which XLA fuses
+    into a single pass: no unit-vector copies and no (N, N, D) temporary are materialised
+    (a ``lax.map`` over pairs would copy the inputs into the loop, and ``safe_norm``'s double
+    ``where`` materialises its operand)."""
+    n = len(vectors)
+    if n < 2:
+        return jnp.zeros((), jnp.result_type(vectors[0]))
+    inv = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
+    angles = []
+    for a, b in zip(*np.triu_indices(n, k=1)):
+        ua, ub = vectors[a].reshape(-1) * inv[a], vectors[b].reshape(-1) * inv[b]
+        diff = jnp.sqrt(jnp.sum(jnp.square(ua - ub)))
+        total = jnp.sqrt(jnp.sum(jnp.square(ua + ub)))
         ok = (norms[a] > 0) & (norms[b] > 0)
-        return jnp.where(ok, sphere_angle(units[a], units[b]), 0.0)
+        angles.append(jnp.where(ok, 2.0 * jnp.arctan2(diff, total), 0.0))
+    return jnp.max(jnp.stack(angles))
 
-    return jnp.max(jax.lax.map(angle, (jnp.asarray(i), jnp.asarray(j))))
+
+_max_pair_angle = jax.jit(lambda v: _pair_angle_max(v, jnp.linalg.norm(v, axis=1)))
 
 
 def _spread(vectors: jax.Array) -> float:
@@ -185,6 +195,53 @@ def _spread(vectors: jax.Array) -> float:
     if vectors.shape[0] < 2:
         return 0.0
     return float(_max_pair_angle(vectors))  # one device computation, not N^2 host round trips
+
+
+@functools.partial(
+    jax.jit, static_argnames=("block_fn", "granularity", "params", "dtype", "out_dtype")
+)
+def _leaf_kernel(block_fn, granularity, params, dtype, out_dtype, xs, b, w, key, stats):
+    """One leaf, start to finish, as a single compiled computation: promote, check finiteness,
+    split into blocks, run the method on every block (vmapped), reassemble and compute the
+    report's figures. Compiled once per (method, parameters, shapes, dtypes) and reused by
+    every leaf of that shape; XLA fuses the elementwise work, so the only full-size buffers are
+    the stacked inputs, the method's own temporaries and the result.
+
+    Returns ``(merged, info, checks)``; ``checks`` holds the finiteness flags that the caller
+    turns into errors (the result is discarded then) and the norm / angle figures.
+    """
+    shape = xs[0].shape
+    xs = [x.astype(dtype) for x in xs]
+    # Checks and report figures read each input directly (fused reductions, no temporaries).
+    checks = {"finite": jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])}
+    base_blocks = None
+    if b is not None:
+        b = b.astype(dtype)
+        checks["base_finite"] = jnp.all(jnp.isfinite(b))
+        base_blocks = _blocks(b[None], granularity)[:, 0]
+    blocks = _blocks(jnp.stack(xs), granularity)
+    keys = jax.random.split(key, blocks.shape[0])
+    stat_blocks = {}
+    for sname, arrs in stats.items():
+        st = jnp.stack([a.astype(dtype) for a in arrs])
+        checks[f"{sname}_finite"] = jnp.all(jnp.isfinite(st))
+        if st.shape[1:] == tuple(shape):
+            stat_blocks[sname] = _blocks(st, granularity)
+        else:  # a statistic of another shape goes whole to the one block (checked by caller)
+            stat_blocks[sname] = st[None]
+    merged_blocks, info = _run_blocks(
+        block_fn, blocks, base_blocks, w.astype(dtype), keys, stat_blocks, params
+    )
+    merged = _unblocks(merged_blocks, shape, granularity)
+    averaged, result = xs, merged
+    if b is not None:  # the report is about what was averaged: the task vectors
+        averaged, result = [x - b for x in xs], merged - b
+    norms = jnp.stack([jnp.sqrt(jnp.sum(jnp.square(v))) for v in averaged])
+    checks["mean_norm"] = jnp.mean(norms)
+    checks["result_norm"] = jnp.sqrt(jnp.sum(jnp.square(result)))
+    checks["spread"] = _pair_angle_max(averaged, norms)
+    merged = merged.astype(out_dtype)
+    return merged, info, checks
 
 
 def merge(method: str, models, *, base=None, weights=None, **params) -> MergeResult:
@@ -287,14 +344,13 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
             continue
         # Non-float leaves stay NumPy (int64 position ids must not become int32 without x64).
         is_float = jnp.issubdtype(jnp.result_type(leaves[0][j]), jnp.floating)
-        to_array = jnp.asarray if is_float else np.asarray
-        xs = [to_array(lv[j]) for lv in leaves]
+        xs = [_host_or_device(lv[j]) for lv in leaves]
         for i, x in enumerate(xs):
             if x.shape != xs[0].shape:
                 raise ValueError(
                     f"tensor {name!r}: model {i} has shape {x.shape}, model 0 has {xs[0].shape}"
                 )
-        b = None if base_leaves is None else to_array(base_leaves[j])
+        b = None if base_leaves is None else _host_or_device(base_leaves[j])
         if b is not None and b.shape != xs[0].shape:
             raise ValueError(f"tensor {name!r}: base has shape {b.shape}, models {xs[0].shape}")
         if not is_float:
@@ -312,7 +368,7 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
                 jax.random.fold_in(key, j),
                 {},
             )
-            out[j], report[name] = merged.astype(xs[0].dtype), rep
+            out[j], report[name] = merged, rep
             continue
         leaf_params = {k: resolve_param(v, name, k) for k, v in merged_params.items()}
         leaf_stats = {}
@@ -323,7 +379,7 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
             if any(a is None for a in arrs):
                 missing = [i for i, a in enumerate(arrs) if a is None]
                 raise ValueError(f"tensor {name!r}: {sname} missing for models {missing}")
-            arrs = [jnp.asarray(a) for a in arrs]
+            arrs = [_host_or_device(a) for a in arrs]
             for i, a in enumerate(arrs):
                 if a.shape != arrs[0].shape:
                     raise ValueError(
@@ -352,7 +408,7 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
             jax.random.fold_in(key, j),
             leaf_stats,
         )
-        out[j] = merged.astype(xs[0].dtype)
+        out[j] = merged
         report[name] = rep
     for group, members in grouped.items():
         _merge_group(
@@ -497,6 +553,14 @@ def _merge_group(spec, group, members, use_base, w, merged_params, key, out, rep
     report[gname] = rep
 
 
+def _host_or_device(x):
+    """A leaf as an array without copying it: JAX arrays stay on their device; anything else
+    becomes a NumPy array, which the compiled leaf kernel reads in place (on the CPU, without
+    a device copy -- memory-mapped checkpoint tensors are never duplicated). Non-float leaves
+    stay NumPy: int64 position ids must not become int32 without x64."""
+    return x if isinstance(x, jax.Array) else np.asarray(x)
+
+
 def _copy_leaf(name, xs, b):
     ref = xs[0] if b is None else b
     for i, x in enumerate(xs):
@@ -513,54 +577,48 @@ def _merge_leaf(spec, name, xs, b, w, leaf_params, key, leaf_stats):
     leaf_params.pop("seed")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    stacked = jnp.stack(xs)
-    dtype = jnp.promote_types(stacked.dtype, jnp.float32)
-    stacked = stacked.astype(dtype)
-    bad = ~jnp.all(jnp.isfinite(stacked.reshape(len(xs), -1)), axis=1)
-    if bool(jnp.any(bad)):
-        raise ValueError(f"tensor {name!r}: model {int(jnp.argmax(bad))} has NaN or Inf values")
-    if b is not None:
-        b = b.astype(dtype)
-        if not bool(jnp.all(jnp.isfinite(b))):
-            raise ValueError(f"tensor {name!r}: the base has NaN or Inf values")
-    shape = xs[0].shape
-    blocks = _blocks(stacked, granularity)
-    base_blocks = None if b is None else _blocks(b[None], granularity)[:, 0]
-    keys = jax.random.split(key, blocks.shape[0])
-    stat_blocks = {}
-    for sname, arrs in leaf_stats.items():
-        st = jnp.stack(arrs).astype(dtype)
-        if not bool(jnp.all(jnp.isfinite(st))):
-            raise ValueError(f"tensor {name!r}: {sname} has NaN or Inf values")
-        if st.shape[1:] == tuple(shape):
-            stat_blocks[sname] = _blocks(st, granularity)
-        elif blocks.shape[0] == 1:  # a statistic of another shape goes whole to the one block
-            stat_blocks[sname] = st[None]
-        else:
-            raise ValueError(
-                f"tensor {name!r}: {sname} of shape {st.shape[1:]} needs granularity='tensor'"
-            )
-    params = tuple(sorted(leaf_params.items()))
-    merged_blocks, info = _run_blocks(
-        spec.block_fn, blocks, base_blocks, jnp.asarray(w, dtype), keys, stat_blocks, params
+    shape = tuple(xs[0].shape)
+    dtype = jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+    n_blocks = (
+        1
+        if granularity == "tensor" or len(shape) < 2
+        else (shape[0] if granularity == "row" else shape[-1])
     )
-    merged = _unblocks(merged_blocks, shape, granularity)
-
-    averaged = stacked.reshape(len(xs), -1)
-    result = merged.reshape(-1)
-    if b is not None:
-        averaged = averaged - b.reshape(1, -1)
-        result = result - b.reshape(-1)
-    mean_norm = float(jnp.mean(jnp.linalg.norm(averaged, axis=1)))
-    ratio = float(jnp.linalg.norm(result)) / mean_norm if mean_norm > 0 else 1.0
+    for sname, arrs in leaf_stats.items():
+        if tuple(arrs[0].shape) != shape and n_blocks != 1:
+            raise ValueError(
+                f"tensor {name!r}: {sname} of shape {tuple(arrs[0].shape)} needs "
+                "granularity='tensor'"
+            )
+    merged, info, checks = _leaf_kernel(
+        spec.block_fn,
+        granularity,
+        tuple(sorted(leaf_params.items())),
+        jnp.dtype(dtype),
+        jnp.dtype(xs[0].dtype),
+        tuple(xs),
+        b,
+        jnp.asarray(w),
+        key,
+        leaf_stats,
+    )
+    finite = np.asarray(checks["finite"])
+    if not finite.all():
+        raise ValueError(f"tensor {name!r}: model {int(np.argmin(finite))} has NaN or Inf values")
+    if b is not None and not bool(checks["base_finite"]):
+        raise ValueError(f"tensor {name!r}: the base has NaN or Inf values")
+    for sname in leaf_stats:
+        if not bool(checks[f"{sname}_finite"]):
+            raise ValueError(f"tensor {name!r}: {sname} has NaN or Inf values")
+    mean_norm = float(checks["mean_norm"])
     rep = LeafReport(
         method=spec.name,
-        shape=tuple(shape),
-        blocks=int(blocks.shape[0]),
+        shape=shape,
+        blocks=n_blocks,
         num_steps=int(jnp.max(info["num_steps"])) if "num_steps" in info else 0,
         grad_norm=float(jnp.max(info["grad_norm"])) if "grad_norm" in info else 0.0,
         converged=bool(jnp.all(info["converged"])) if "converged" in info else True,
-        norm_ratio=ratio,
-        angle_spread=_spread(averaged),
+        norm_ratio=float(checks["result_norm"]) / mean_norm if mean_norm > 0 else 1.0,
+        angle_spread=float(checks["spread"]),
     )
     return merged, rep
