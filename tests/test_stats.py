@@ -133,3 +133,46 @@ def test_regmean_matches_its_closed_form_and_fisher_merging_uses_stats(rng):
     ]
     fm = mm.merge("fisher", experts, fishers=fishers)
     assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(fm.params))
+
+
+def test_regmean_square_kernels_get_their_grams_whole(rng):
+    """Regression: a (d, d) kernel has a Gram of its own shape; it must still reach RegMean
+    as a (d, d) matrix, not be flattened like a statistic shaped as the leaf."""
+    from manifold_merge.models import MLP as FlaxMLP
+
+    model = FlaxMLP(widths=(6, 6), num_classes=3)
+    apply_fn = lambda p, v: model.apply({"params": p}, v)  # noqa: E731
+    experts = [model.init(jax.random.key(i), jnp.ones((1, 6)))["params"] for i in range(3)]
+    grams = [
+        input_grams(apply_fn, p, rng.standard_normal((30, 6)).astype(np.float32)) for p in experts
+    ]
+    res = mm.merge("regmean", experts, grams=grams, alpha=0.7)
+    for layer in ("Dense_0", "Dense_1"):
+        g = [
+            np.asarray(gr[f"{layer}/kernel"], np.float64) * (0.7 + 0.3 * np.eye(6)) for gr in grams
+        ]
+        ks = [np.asarray(p[layer]["kernel"], np.float64) for p in experts]
+        ref = np.linalg.solve(sum(g), sum(gi @ k for gi, k in zip(g, ks)))
+        np.testing.assert_allclose(np.asarray(res.params[layer]["kernel"]), ref, atol=1e-4)
+
+
+def test_regmean_dead_inputs_get_the_average_not_nan(rng):
+    """An input feature that is always 0 (an image corner) makes every Gram singular; the
+    ridge gives its kernel row the weighted average, and the other rows the RegMean solution."""
+    d, k = 5, 3
+    kernels = [rng.standard_normal((d, k)) for _ in range(3)]
+    grams = []
+    for _ in range(3):
+        x = rng.standard_normal((40, d))
+        x[:, 2] = 0.0  # dead feature
+        grams.append({"w": x.T @ x})
+    w = np.array([0.2, 0.3, 0.5])
+    res = mm.merge("regmean", [{"w": kk} for kk in kernels], grams=grams, weights=w, alpha=1.0)
+    out = np.asarray(res.params["w"], np.float64)
+    assert np.all(np.isfinite(out))
+    avg = sum(wi * kk for wi, kk in zip(w, kernels)) / w.sum()
+    np.testing.assert_allclose(out[2], avg[2], rtol=1e-5, atol=1e-6)
+    live = [0, 1, 3, 4]
+    g = [wi * gr["w"][np.ix_(live, live)] for wi, gr in zip(w, grams)]
+    ref = np.linalg.solve(sum(g), sum(gi @ kk[live] for gi, kk in zip(g, kernels)))
+    np.testing.assert_allclose(out[live], ref, rtol=1e-3, atol=1e-4)

@@ -124,13 +124,13 @@ def frechet(
 
 @register(
     "regmean",
-    defaults={"alpha": 0.9},
+    defaults={"alpha": 0.9, "ridge": 1e-6},
     uses_base=False,
     stats=("grams",),
     required_stats=("grams",),
     stat_shapes_free=True,
 )
-def regmean(points, base, weights, key, grams=None, alpha=0.9):
+def regmean(points, base, weights, key, grams=None, alpha=0.9, ridge=1e-6):
     """RegMean (Jin et al. 2023), per linear layer: W* = (sum_i w_i G~_i)^-1 sum_i w_i G~_i W_i
     with G~_i the input Gram X_i^T X_i whose off-diagonal entries are scaled by ``alpha``.
 
@@ -138,15 +138,23 @@ def regmean(points, base, weights, key, grams=None, alpha=0.9):
     computes them); kernels are (d_in, d_out) as in Flax. Leaves without a Gram (biases, norms,
     embeddings) get the weighted average, as in the paper. Weights scale the Grams (uniform
     weights give the paper's rule).
+
+    ``ridge``: real inputs have dead features (image pixels that are always 0), whose Gram rows
+    and columns are 0, so the system is singular. The solve adds lambda I to the left and
+    lambda W_avg to the right, lambda = ``ridge`` x mean diagonal entry: directions no expert's
+    data excites get the weighted average W_avg, and the rest change by O(ridge). ``ridge=0``
+    is the paper's rule exactly (NaN or Inf when the Grams are singular).
     """
     del base, key
+    avg = weights @ points / jnp.sum(weights)
     if grams is None:
-        return weights @ points / jnp.sum(weights), {}
+        return avg, {}
     n, d_in = grams.shape[0], grams.shape[1]
     kernels = points.reshape(n, d_in, -1)
     diag = jnp.eye(d_in, dtype=grams.dtype)
     scaled = grams * (alpha + (1.0 - alpha) * diag)
     scaled = scaled * weights[:, None, None]
     lhs = jnp.sum(scaled, 0)
-    rhs = jnp.einsum("nij,njk->ik", scaled, kernels)
-    return jnp.linalg.solve(lhs, rhs).reshape(-1), {}
+    lam = ridge * jnp.trace(lhs) / d_in
+    rhs = jnp.einsum("nij,njk->ik", scaled, kernels) + lam * avg.reshape(d_in, -1)
+    return jnp.linalg.solve(lhs + lam * diag, rhs).reshape(-1), {}

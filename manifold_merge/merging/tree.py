@@ -198,9 +198,12 @@ def _spread(vectors: jax.Array) -> float:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("block_fn", "granularity", "params", "dtype", "out_dtype")
+    jax.jit,
+    static_argnames=("block_fn", "granularity", "params", "dtype", "out_dtype", "whole_stats"),
 )
-def _leaf_kernel(block_fn, granularity, params, dtype, out_dtype, xs, b, w, key, stats):
+def _leaf_kernel(
+    block_fn, granularity, params, dtype, out_dtype, whole_stats, xs, b, w, key, stats
+):
     """One leaf, start to finish, as a single compiled computation: promote, check finiteness,
     split into blocks, run the method on every block (vmapped), reassemble and compute the
     report's figures. Compiled once per (method, parameters, shapes, dtypes) and reused by
@@ -225,10 +228,10 @@ def _leaf_kernel(block_fn, granularity, params, dtype, out_dtype, xs, b, w, key,
     for sname, arrs in stats.items():
         st = jnp.stack([a.astype(dtype) for a in arrs])
         checks[f"{sname}_finite"] = jnp.all(jnp.isfinite(st))
-        if st.shape[1:] == tuple(shape):
-            stat_blocks[sname] = _blocks(st, granularity)
-        else:  # a statistic of another shape goes whole to the one block (checked by caller)
+        if whole_stats:  # statistics of their own shape (RegMean's Grams) go whole to the block
             stat_blocks[sname] = st[None]
+        else:
+            stat_blocks[sname] = _blocks(st, granularity)
     merged_blocks, info = _run_blocks(
         block_fn, blocks, base_blocks, w.astype(dtype), keys, stat_blocks, params
     )
@@ -584,8 +587,12 @@ def _merge_leaf(spec, name, xs, b, w, leaf_params, key, leaf_stats):
         if granularity == "tensor" or len(shape) < 2
         else (shape[0] if granularity == "row" else shape[-1])
     )
+    # Statistics shaped like the leaf are blocked with it; a method whose statistics have
+    # their own shapes (stat_shapes_free: RegMean's (d_in, d_in) Grams, even for a square
+    # kernel) gets them whole, which needs a single block.
+    whole_stats = bool(spec.stat_shapes_free)
     for sname, arrs in leaf_stats.items():
-        if tuple(arrs[0].shape) != shape and n_blocks != 1:
+        if whole_stats and n_blocks != 1:
             raise ValueError(
                 f"tensor {name!r}: {sname} of shape {tuple(arrs[0].shape)} needs "
                 "granularity='tensor'"
@@ -596,6 +603,7 @@ def _merge_leaf(spec, name, xs, b, w, leaf_params, key, leaf_stats):
         tuple(sorted(leaf_params.items())),
         jnp.dtype(dtype),
         jnp.dtype(xs[0].dtype),
+        whole_stats,
         tuple(xs),
         b,
         jnp.asarray(w),
