@@ -57,14 +57,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.tasks = TASKS
     c.data = ml_collections.ConfigDict(
         # per task: training examples, test examples, examples for Fisher / Gram statistics,
-        # test examples per task in the probe set of the collapse diagnostics
-        {"n_train": 4000, "n_test": 1000, "n_stats": 512, "n_probe": 250}
+        # test examples per task in the probe set of the collapse diagnostics (the digits
+        # split holds 1438 / 359 examples: every task gets the same amount)
+        {"n_train": 1400, "n_test": 350, "n_stats": 512, "n_probe": 250}
     )
     c.model = ml_collections.ConfigDict({"widths": (256, 256), "activation": "relu"})
     c.base = ml_collections.ConfigDict(
         {
             "sources": ("fashion_mnist", "mnist", "digits"),
-            "n_train": 3000,  # per source
+            "n_train": 1400,  # per source
             "steps": 600,
             "batch_size": 128,
             "learning_rate": 1e-3,
