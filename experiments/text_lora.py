@@ -198,6 +198,10 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
             {"method": "expert", "task": t.name, "accuracy": expert_acc[i],
              "normalized_accuracy": 1.0, "kl": 0.0}  # fmt: skip
         )
+    records.append(
+        {"method": "expert", "task": "avg", "accuracy": float(np.mean(expert_acc)),
+         "normalized_accuracy": 1.0, "kl": 0.0, "fr_distance": 0.0}  # fmt: skip
+    )
 
     def measure(label: str, lora, extra: dict) -> None:
         bert = encoder if lora is None else fold_lora(encoder, lora)

@@ -266,6 +266,19 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
                 "kl": 0.0,
             }
         )
+    records.append(
+        {
+            "method": "expert",
+            "task": "avg",
+            "accuracy": float(np.mean(expert_acc)),
+            "normalized_accuracy": 1.0,
+            "kl": 0.0,
+            "variance_ratio": 1.0,
+            "effective_rank": float(
+                np.mean([diagnostics.effective_rank(h[-1]) for h in expert_hidden])
+            ),
+        }
+    )
     for layer in range(num_layers):
         records.append(
             {
