@@ -41,12 +41,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         # classes per task (the k most frequent), examples, characters kept, tokens per text
         {"num_classes": 4, "n_train": 800, "n_test": 240, "max_chars": 200, "max_length": 32}
     )
-    c.lora = ml_collections.ConfigDict(
-        {"rank": 8, "alpha": 16.0, "targets": ("query", "value")}
-    )
-    c.train = ml_collections.ConfigDict(
-        {"steps": 150, "batch_size": 32, "learning_rate": 2e-3}
-    )
+    c.lora = ml_collections.ConfigDict({"rank": 8, "alpha": 16.0, "targets": ("query", "value")})
+    c.train = ml_collections.ConfigDict({"steps": 150, "batch_size": 32, "learning_rate": 2e-3})
     c.methods = METHODS
     c.gl_check = True  # also merge GL(r)-reparametrised adapters and compare
     c.progress = True

@@ -27,8 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import manifold_merge as mm  # noqa: E402
 from manifold_merge.manifolds import LoraFactors  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "If set, write toy.json there.")
-
 EXPERTS = ((1.0, 2.0), (-1.0, -2.0))  # (a, b)
 
 
@@ -81,13 +79,16 @@ def main(argv):
         ("quotient Fréchet mean", "quotient_w"),
     ]:
         print(f"{label:<28}{out[k]:>10.4f}")
-    if _WORKDIR.value:
-        os.makedirs(_WORKDIR.value, exist_ok=True)
-        path = os.path.join(_WORKDIR.value, "toy.json")
+    workdir = flags.FLAGS.workdir
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, "toy.json")
         with open(path + ".tmp", "w") as f:
             json.dump(out, f, indent=2)
         os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: importing this module (b2_toy does) defines no flags.
+    flags.DEFINE_string("workdir", None, "If set, write toy.json there.")
     app.run(main)

