@@ -14,7 +14,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-SEED = int(os.environ.get("MM_TEST_SEED", secrets.randbelow(2**31)))
+# Drawn once in the controlling process and inherited by pytest-xdist's workers (which start
+# after this module is imported), so one printed seed reproduces the whole run.
+os.environ.setdefault("MM_TEST_SEED", str(secrets.randbelow(2**31)))
+SEED = int(os.environ["MM_TEST_SEED"])
 
 
 def pytest_report_header(config):

@@ -563,3 +563,29 @@ def test_leaf_kernel_compiles_once_per_shape(rng):
     assert tree._leaf_kernel._cache_size() - before == 2
     mm.merge("multislerp", models)  # and a second merge compiles nothing
     assert tree._leaf_kernel._cache_size() - before == 2
+
+
+@pytest.mark.parametrize("approx", ["exact", "first_order"])
+def test_frechet_sphere_leaves_zero_task_vectors_out(rng, approx):
+    """Row granularity on real task vectors meets all-zero rows (dead input pixels): the
+    spherical Fréchet mean leaves zero vectors out, like karcher, and an all-zero row merges
+    to the base row -- no NaN."""
+    base = rng.standard_normal((4, 6)).astype(np.float32)
+    models = [base + rng.standard_normal((4, 6)).astype(np.float32) for _ in range(3)]
+    models[0][1] = base[1]  # model 0 has a zero task vector in row 1
+    for m in models:
+        m[2] = base[2]  # every model: row 2 unchanged
+    res = mm.merge(
+        "frechet",
+        [{"w": m} for m in models],
+        base={"w": base},
+        manifold="norm_sphere",
+        approx=approx,
+        granularity="row",
+    )
+    out = np.asarray(res.params["w"])
+    assert np.all(np.isfinite(out))
+    np.testing.assert_array_equal(out[2], base[2])
+    if approx == "exact":  # row 1: the Karcher mean of the two non-zero task vectors
+        ref = mm.merge("karcher", [{"w": m[1]} for m in models[1:]], base={"w": base[1]})
+        np.testing.assert_allclose(out[1], np.asarray(ref.params["w"]), atol=1e-5)

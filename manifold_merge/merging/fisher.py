@@ -97,6 +97,16 @@ def frechet(
     vecs = points if base is None else points - base
     dim = vecs.shape[1]
     w = weights / jnp.sum(weights)
+    empty = jnp.zeros((), bool)
+    if manifold == "norm_sphere":
+        # A zero vector has no direction (its log is undefined): left out of the mean, as in
+        # ``karcher``; a block whose vectors are all zero merges to zero (the base). Real task
+        # vectors have such blocks: the kernel rows of input pixels that are always 0.
+        norms = jnp.sqrt(jnp.sum(jnp.square(vecs), axis=1))
+        w = jnp.where(norms > 0, w, 0.0)
+        empty = jnp.sum(w) == 0
+        w = jnp.where(empty, 1.0 / w.shape[0], w / jnp.where(empty, 1.0, jnp.sum(w)))
+        vecs = jnp.where(empty, jnp.ones_like(vecs), vecs)
     if metric == "fisher":
         if fishers is None:
             raise ValueError("frechet metric='fisher' needs fishers=[one pytree per model]")
@@ -119,6 +129,9 @@ def frechet(
         res = karcher_mean(m, vecs, w, solver=solver)
         out = res.mean
         info = {"num_steps": res.num_steps, "grad_norm": res.grad_norm, "converged": res.converged}
+    out = jnp.where(empty, 0.0, out)
+    if "converged" in info:
+        info["converged"] = info["converged"] | empty
     return (out if base is None else base + out), info
 
 
