@@ -122,3 +122,22 @@ def check_keys(config: Mapping, allowed: Sequence[str], where: str) -> None:
             close = difflib.get_close_matches(k, allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"{where}: unknown config key {k!r}{hint}")
+
+
+def task_records(label, names, accs, expert_accs, kls, frs=None) -> tuple[list, dict]:
+    """Per-task records of one model and its ``task="avg"`` summary: accuracy, normalised
+    accuracy (model / expert; 0 when the expert scores 0), KL from the expert, and the
+    Fisher–Rao distance to the experts' barycenter when ``frs`` gives it per task."""
+    norm = [a / e if e > 0 else 0.0 for a, e in zip(accs, expert_accs)]
+    rows = []
+    for i, name in enumerate(names):
+        row = {"method": label, "task": name, "accuracy": accs[i]}
+        row.update(normalized_accuracy=norm[i], kl=kls[i])
+        if frs is not None:
+            row["fr_distance"] = frs[i]
+        rows.append(row)
+    avg = {"method": label, "task": "avg", "accuracy": float(np.mean(accs))}
+    avg.update(normalized_accuracy=float(np.mean(norm)), kl=float(np.mean(kls)))
+    if frs is not None:
+        avg["fr_distance"] = float(np.mean(frs))
+    return rows, avg

@@ -18,6 +18,7 @@ sweep resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import importlib.util
@@ -69,16 +70,8 @@ def set_dotted(config, key: str, value) -> None:
         node = node[p]
     if leaf not in node:
         raise KeyError(f"sweep override {key!r}: the config has no field {leaf!r}")
-    with node.unlocked() if hasattr(node, "unlocked") else _nullcontext():
+    with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
         node[leaf] = value
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def enable_compilation_cache(root: Path) -> None:

@@ -25,7 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import cache_dir, check_keys, function_space, parse_method
+from experiments.common import (
+    cache_dir,
+    check_keys,
+    function_space,
+    parse_method,
+    task_records,
+)
 from manifold_merge import diagnostics, merge
 from manifold_merge.data import text_task
 from manifold_merge.io import write_peft_adapter
@@ -237,29 +243,9 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
             accs.append(acc)
             kls.append(kl)
             frs.append(fs["fr_distance"])
-            records.append(
-                {
-                    "method": label,
-                    "task": t.name,
-                    "accuracy": acc,
-                    "normalized_accuracy": acc / expert_acc[i] if expert_acc[i] > 0 else 0.0,
-                    "kl": kl,
-                    "fr_distance": fs["fr_distance"],
-                }
-            )
-        records.append(
-            {
-                "method": label,
-                "task": "avg",
-                "accuracy": float(np.mean(accs)),
-                "normalized_accuracy": float(
-                    np.mean([a / e if e > 0 else 0.0 for a, e in zip(accs, expert_acc)])
-                ),
-                "kl": float(np.mean(kls)),
-                "fr_distance": float(np.mean(frs)),
-                **extra,
-            }
-        )
+        rows, avg = task_records(label, [t.name for t in tasks], accs, expert_acc, kls, frs)
+        records.extend(rows)
+        records.append({**avg, **extra})
 
     measure("base", None, {"gl_invariant": True, "gl_change": 0.0} if config.gl_check else {})
     rng = np.random.default_rng(config.seed)

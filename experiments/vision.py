@@ -34,6 +34,7 @@ from experiments.common import (
     mean_norm_ratio,
     parse_method,
     softmax,
+    task_records,
 )
 from manifold_merge import diagnostics, merge
 from manifold_merge.data import Task, image_task
@@ -224,15 +225,8 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
             kl = diagnostics.mean_kl(expert_test_logits[i][i], logits)
             accs.append(acc)
             kls.append(kl)
-            records.append(
-                {
-                    "method": label,
-                    "task": t.name,
-                    "accuracy": acc,
-                    "normalized_accuracy": acc / expert_acc[i] if expert_acc[i] > 0 else 0.0,
-                    "kl": kl,
-                }
-            )
+        rows, avg = task_records(label, [t.name for t in tasks], accs, expert_acc, kls)
+        records.extend(rows)
         hidden = _hidden(model, params, probe)
         fs = function_space(expert_probe_logits, np.asarray(apply(params, probe)))
         ratios = diagnostics.layer_variance_ratios(hidden, expert_hidden)
@@ -249,13 +243,7 @@ def run(config, workdir: str | None = None) -> dict[str, Any]:
             )
         records.append(
             {
-                "method": label,
-                "task": "avg",
-                "accuracy": float(np.mean(accs)),
-                "normalized_accuracy": float(
-                    np.mean([a / e if e > 0 else 0.0 for a, e in zip(accs, expert_acc)])
-                ),
-                "kl": float(np.mean(kls)),
+                **avg,
                 "fr_distance": fs["fr_distance"],
                 "variance_ratio": float(np.mean(ratios)),
                 "effective_rank": ranks[-1],
