@@ -565,27 +565,28 @@ def test_leaf_kernel_compiles_once_per_shape(rng):
     assert tree._leaf_kernel._cache_size() - before == 2
 
 
+@pytest.mark.parametrize("norm_mean", ["arithmetic", "geometric"])
 @pytest.mark.parametrize("approx", ["exact", "first_order"])
-def test_frechet_sphere_leaves_zero_task_vectors_out(rng, approx):
+def test_frechet_sphere_leaves_zero_task_vectors_out(rng, approx, norm_mean):
     """Row granularity on real task vectors meets all-zero rows (dead input pixels): the
     spherical Fréchet mean leaves zero vectors out, like karcher, and an all-zero row merges
-    to the base row -- no NaN."""
+    to the base row -- no NaN. (With the geometric norm rule a zero vector's log has an
+    infinite radial part: 0 weight x inf was NaN in the first-order average.)"""
     base = rng.standard_normal((4, 6)).astype(np.float32)
     models = [base + rng.standard_normal((4, 6)).astype(np.float32) for _ in range(3)]
     models[0][1] = base[1]  # model 0 has a zero task vector in row 1
     for m in models:
         m[2] = base[2]  # every model: row 2 unchanged
+    kw = dict(manifold="norm_sphere", approx=approx, norm_mean=norm_mean)
     res = mm.merge(
-        "frechet",
-        [{"w": m} for m in models],
-        base={"w": base},
-        manifold="norm_sphere",
-        approx=approx,
-        granularity="row",
+        "frechet", [{"w": m} for m in models], base={"w": base}, granularity="row", **kw
     )
     out = np.asarray(res.params["w"])
     assert np.all(np.isfinite(out))
     np.testing.assert_array_equal(out[2], base[2])
-    if approx == "exact":  # row 1: the Karcher mean of the two non-zero task vectors
+    # row 1: the same mean of the two non-zero task vectors alone
+    ref = mm.merge("frechet", [{"w": m[1]} for m in models[1:]], base={"w": base[1]}, **kw)
+    np.testing.assert_allclose(out[1], np.asarray(ref.params["w"]), atol=1e-5)
+    if approx == "exact" and norm_mean == "arithmetic":  # which is Paper A's karcher
         ref = mm.merge("karcher", [{"w": m[1]} for m in models[1:]], base={"w": base[1]})
         np.testing.assert_allclose(out[1], np.asarray(ref.params["w"]), atol=1e-5)

@@ -123,6 +123,9 @@ def frechet(
         if x0 is None:
             x0 = m.init_mean(vecs, w)
         logs = jnp.stack([m.log(x0, v) for v in vecs])
+        # Left-out points (weight 0) may have non-finite logs (a zero vector with the geometric
+        # norm rule sits at log-norm -inf): 0 x inf must not reach the average.
+        logs = jnp.where(metric_w > 0, logs, 0.0)
         out = m.exp(x0, jnp.sum(metric_w * logs, 0) / jnp.sum(metric_w, 0))
     else:
         solver = KarcherSolver(max_steps=int(max_iter), tol=float(tol), step_size=float(step_size))
