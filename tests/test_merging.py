@@ -17,6 +17,7 @@ from reference import (
     np_slerp,
     np_task_arithmetic,
     np_ties,
+    sphere_log,
 )
 
 import manifold_merge as mm
@@ -463,22 +464,48 @@ def test_fisher_rao_karcher(rng):
     fl = [leaves(f) for f in fishers]
     name = "dense/kernel"  # 84 entries: certified (see test_karcher_matches_float64...)
     assert res.report[name].converged
-    # fixed point in float64: sum_i w_i F_i * log_x(tau_i) = 0 with the NormSphere log
+    # fixed point in float64: proj_x(sum_i w_i F_i * log_x(u_i)) = 0 for the direction x on the
+    # unit sphere, and the norm is the weighted mean of the task vectors' norms
     x = (out[name] - leaves(base)[name]).ravel()
     r, xh = np.linalg.norm(x), x / np.linalg.norm(x)
     num = np.zeros_like(x)
     den = np.zeros_like(x)
+    tnorms = []
     for wi, m, f in zip(w, models, fl):
         t = (leaves(m)[name] - leaves(base)[name]).ravel()
-        th = t / np.linalg.norm(t)
-        v = th - np.dot(xh, th) * xh
-        ang = 2 * np.arctan2(np.linalg.norm(xh - th), np.linalg.norm(xh + th))
-        log = r * ang * v / np.linalg.norm(v) + (np.linalg.norm(t) - r) * xh
+        tnorms.append(np.linalg.norm(t))
         fi = np.maximum(f[name].ravel(), 1e-6)
-        num += wi * fi * log
+        num += wi * fi * sphere_log(xh, t / np.linalg.norm(t))
         den += wi * fi
-    assert np.linalg.norm(num / den) < 1e-5 * r
+    g = num / den
+    assert np.linalg.norm(g - np.dot(g, xh) * xh) < 1e-5
+    np.testing.assert_allclose(r, np.dot(w, tnorms) / w.sum(), rtol=1e-5)
     assert np.max(np.abs(out[name] - b[name])) > 1e-3  # the Fisher weighting changed the merge
+
+
+def test_fisher_rao_karcher_concentrated_fishers_pick_coordinates(rng):
+    """Nearly orthogonal task vectors, each expert's Fisher concentrated on its own block of
+    coordinates: the direction follows the confident expert on its block (Fisher merging's
+    behaviour) and the norm stays the mean norm. (Preconditioning NormSphere's tangent
+    vectors, the earlier design, gave a norm 6x too large here.)"""
+    n, d = 4, 400
+    blocks = np.arange(d) % n
+    tvs = rng.standard_normal((n, d)).astype(np.float32)
+    fishers = np.where(blocks[None, :] == np.arange(n)[:, None], 1.0, 1e-6).astype(np.float32)
+    base = rng.standard_normal(d).astype(np.float32)
+    res = mm.merge(
+        "fisher_rao_karcher",
+        [{"w": base + t} for t in tvs],
+        base={"w": base},
+        fishers=[{"w": f} for f in fishers],
+    )
+    assert res.report["w"].converged
+    out = np.asarray(res.params["w"], np.float64) - base
+    np.testing.assert_allclose(np.linalg.norm(out), np.linalg.norm(tvs, axis=1).mean(), rtol=1e-5)
+    for i in range(n):  # on expert i's block the merge is parallel to expert i's task vector
+        on = blocks == i
+        cos = np.dot(out[on], tvs[i][on]) / np.linalg.norm(out[on]) / np.linalg.norm(tvs[i][on])
+        assert cos > 0.999
 
 
 def test_karcher_mean_metric_weights_on_euclidean_is_fisher_weighted(rng):

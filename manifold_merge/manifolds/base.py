@@ -67,6 +67,15 @@ def safe_div(num: Array, den: Array, default: Array | float) -> Array:
     return jnp.where(zero, default, num / jnp.where(zero, 1.0, den))
 
 
+def first_argmax(x: Array) -> Array:
+    """Index (int32) of the first maximum of the vector ``x``: ``jnp.argmax`` without its
+    lowering, which fixes its dtypes when the program is compiled and so breaks on float64
+    values computed inside a ``jax.enable_x64`` scope of a program compiled outside one
+    (as the two-pass Gram solver does)."""
+    n = x.shape[0]
+    return jnp.min(jnp.where(x == jnp.max(x), jnp.arange(n, dtype=jnp.int32), n))
+
+
 def sphere_angle(x: Array, y: Array, d: Array | None = None) -> Array:
     """Angle between two vectors of equal norm: ``2 atan2(||y - x||, ||x + y||)``.
 
@@ -192,5 +201,5 @@ class AbstractManifold(abc.ABC):
         The default returns the point of largest weight; manifolds override it with the
         projected weighted extrinsic mean, which is far closer.
         """
-        i = jnp.argmax(weights)
+        i = first_argmax(weights)
         return jax.tree.map(lambda leaf: leaf[i], points)

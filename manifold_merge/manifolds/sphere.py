@@ -11,6 +11,7 @@ from manifold_merge.manifolds.base import (
     AbstractManifold,
     Array,
     compute_dtype,
+    first_argmax,
     safe_div,
     safe_norm,
     sphere_angle,
@@ -147,5 +148,5 @@ class Sphere(AbstractManifold):
         m = jnp.tensordot(weights.astype(points.dtype), points, axes=1)
         nm = safe_norm(m)
         ok = nm > self.radius * 64 * jnp.finfo(points.dtype).eps
-        fallback = points[jnp.argmax(weights)]
+        fallback = points[first_argmax(weights)]
         return jnp.where(ok, m * safe_div(self.radius, nm, 0.0), fallback)

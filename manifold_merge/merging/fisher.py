@@ -62,6 +62,7 @@ def _check_frechet(params, weights, n, has_base):
         "max_iter": 100,
         "tol": KarcherSolver.tol,
         "step_size": 1.0,
+        "algorithm": "auto",
     },
     stats=("fishers",),
     check=_check_frechet,
@@ -80,12 +81,14 @@ def frechet(
     max_iter=100,
     tol=1e-7,
     step_size=1.0,
+    algorithm="auto",
 ):
     """Paper B's Fréchet mean argmin_theta sum_i w_i d(theta, theta_i)^2 with a chosen manifold,
     metric and distance approximation (on task vectors when a base is given):
 
     * ``approx="exact"``: the Karcher mean with the manifold's geodesic distance
-      (``manifold="euclidean"``: the weighted average; ``"norm_sphere"``: Paper A's ``karcher``);
+      (``manifold="euclidean"``: the weighted average; ``"norm_sphere"``: Paper A's ``karcher``;
+      ``algorithm`` picks its solver, see :func:`~manifold_merge.solvers.karcher_mean`);
     * ``approx="first_order"``: one tangent-space average at the reference point x_0 (the base,
       or the manifold's extrinsic mean): exp_x0(sum_i w_i M_i log_x0(theta_i) / sum_i w_i M_i)
       with M_i the metric (identity, or the diagonal Fisher ``fishers``);
@@ -129,7 +132,7 @@ def frechet(
         out = m.exp(x0, jnp.sum(metric_w * logs, 0) / jnp.sum(metric_w, 0))
     else:
         solver = KarcherSolver(max_steps=int(max_iter), tol=float(tol), step_size=float(step_size))
-        res = karcher_mean(m, vecs, w, solver=solver)
+        res = karcher_mean(m, vecs, w, solver=solver, algorithm=algorithm)
         out = res.mean
         info = {"num_steps": res.num_steps, "grad_norm": res.grad_norm, "converged": res.converged}
     out = jnp.where(empty, 0.0, out)

@@ -6,5 +6,13 @@ from manifold_merge.solvers.karcher import (
     karcher_mean,
     validate_weights,
 )
+from manifold_merge.solvers.gram import gram_karcher_mean
 
-__all__ = ["KarcherResult", "KarcherSolver", "karcher_mean", "validate_weights"]
+
+__all__ = [
+    "KarcherResult",
+    "KarcherSolver",
+    "gram_karcher_mean",
+    "karcher_mean",
+    "validate_weights",
+]

@@ -56,6 +56,11 @@ jax.tree_util.register_static(KarcherSolver)
 FLOOR_EPS = 32
 FLOOR_PATIENCE = 2
 
+#: ``karcher_mean``'s algorithms, and the block length (in multiples of N) from which
+#: ``algorithm="auto"`` picks the two-pass Gram solver.
+ALGORITHMS = ("auto", "iterative", "gram")
+GRAM_MIN_RATIO = 16
+
 
 class KarcherResult(NamedTuple):
     """Outcome of :func:`karcher_mean`.
@@ -139,6 +144,7 @@ def karcher_mean(
     solver: KarcherSolver = KarcherSolver(),
     init: Any = None,
     metric_weights: Any = None,
+    algorithm: str = "auto",
 ) -> KarcherResult:
     """Weighted Karcher mean argmin_x sum_i w_i dist(x, p_i)^2 by fixed-point iteration.
 
@@ -163,6 +169,13 @@ def karcher_mean(
             ``points`` (e.g. diagonal Fisher estimates). The tangent average becomes
             proj_x(sum_i w_i M_i * log_x(p_i) / sum_i w_i M_i), element-wise: Paper A's
             Fisher-preconditioned Karcher iteration. Constant M_i give the plain mean.
+        algorithm: ``"iterative"`` (the iteration above, on the points themselves),
+            ``"gram"`` (:func:`~manifold_merge.solvers.gram.gram_karcher_mean`: the same
+            iteration on the N coordinates of the points in their span, in float64 to
+            ``min(solver.tol, 1e-10)``, two passes over the data; ``Sphere`` and
+            ``NormSphere`` points stacked as one (N, D) array, without ``init`` or
+            ``metric_weights``), or ``"auto"`` (default): ``"gram"`` where it applies and
+            D >= :data:`GRAM_MIN_RATIO` x N, else ``"iterative"``.
 
     Returns:
         A :class:`KarcherResult` ``(mean, num_steps, grad_norm, converged)``.
@@ -194,6 +207,27 @@ def karcher_mean(
         weights = validate_weights(weights, n)
     elif jnp.shape(weights) != (n,):
         raise ValueError(f"weights must have shape ({n},), got {jnp.shape(weights)}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    from manifold_merge.solvers import gram  # noqa: PLC0415 (gram builds on this module)
+
+    gram_ok = (
+        gram.supports_gram(manifold)
+        and init is None
+        and metric_weights is None
+        and not isinstance(points, (list, tuple, dict))
+        and jnp.ndim(points) == 2
+    )
+    if algorithm == "gram" and not gram_ok:
+        raise ValueError(
+            "algorithm='gram' needs a Sphere or NormSphere, points as one (N, D) array, and no "
+            f"init or metric_weights; got {manifold!r} with points of shape "
+            f"{jax.tree.map(jnp.shape, points)}"
+        )
+    if algorithm == "gram" or (
+        algorithm == "auto" and gram_ok and jnp.shape(points)[1] >= GRAM_MIN_RATIO * n
+    ):
+        return gram.gram_karcher_mean(manifold, points, weights, solver)
     return _karcher_mean(manifold, points, weights, init, metric_weights, solver)
 
 

@@ -1,0 +1,168 @@
+"""Exact Karcher means of long vectors in two passes over the data (ALGORITHMS.md section 3).
+
+On the sphere and on ``NormSphere`` every iterate of the Karcher iteration stays in the span
+of the N inputs, and the geometry of the inputs is fixed by their N x N Gram matrix G. So:
+
+1. **pass 1** builds G in float64, blocked over the parameter axis;
+2. an orthonormal basis of the span gives each input N coordinates, Y Y^T = G (Y from the
+   eigendecomposition of G), and the ordinary Karcher iteration runs on those N-dimensional
+   points in float64 (the same manifold, of dimension N, the same certified solver), to
+   ``tol`` = 1e-10 by default;
+3. **pass 2** forms the mean as a weighted sum of the inputs, a @ X, with the coefficients a
+   that express the reduced mean in the inputs.
+
+The map from the span to its coordinates is an isometry, so this is the Karcher mean itself,
+not an approximation; its cost does not depend on the number of iterations.
+
+Precision: the Gram is accumulated in float64. For close inputs (full fine-tuned weights at a
+tiny angle) the Gram of the vectors themselves would bury the angles in the rounding of
+||p||^2, so pass 1 takes the Gram of Z = [p_k; p_j - p_k (j != k)] around a reference input
+p_k, whose entries are each accurate relative to their own size; G follows exactly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from manifold_merge.manifolds.base import compute_dtype, first_argmax
+from manifold_merge.manifolds.norm_sphere import NormSphere
+from manifold_merge.manifolds.sphere import Sphere
+from manifold_merge.solvers.karcher import (
+    KarcherResult,
+    KarcherSolver,
+    _is_concrete,
+    _karcher_mean,
+    validate_weights,
+)
+
+#: Columns per Gram block. XLA's CPU dot of a short, very wide matrix is several times faster
+#: in blocks of this size than as one op (ALGORITHMS.md section 3).
+GRAM_BLOCK = 65536
+
+#: Default tolerance of the reduced (float64) iteration, in radians.
+GRAM_TOL = 1e-10
+
+
+def supports_gram(manifold) -> bool:
+    """Whether :func:`gram_karcher_mean` applies to ``manifold`` (Sphere or NormSphere)."""
+    return isinstance(manifold, (Sphere, NormSphere))
+
+
+def span_gram(points: jax.Array, ref: jax.Array | int = 0) -> jax.Array:
+    """Pass 1: the float64 Gram matrix G_ij = <p_i, p_j> of the rows of ``points`` (N, D).
+
+    Computed as the Gram of Z = [p_ref; p_j - p_ref] over blocks of :data:`GRAM_BLOCK`
+    columns, each block's products accumulated in float64, so that small differences between
+    close inputs keep their relative precision; G = C Z Z^T C^T with p_j = z_j + z_ref.
+    Must be called with JAX's x64 mode on (as :func:`gram_karcher_mean` does).
+    """
+    n, d = points.shape
+    others = (jnp.arange(n) != ref)[:, None]
+
+    def block_gram(blk):
+        z = blk - jnp.where(others, blk[ref][None, :], 0.0)
+        return jax.lax.dot_general(
+            z, z, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float64
+        )
+
+    num_blocks, rest = divmod(d, GRAM_BLOCK)
+    k = jnp.zeros((n, n), jnp.float64)
+    if num_blocks == 1 and rest == 0:
+        k = block_gram(points)
+    elif num_blocks:
+
+        def body(i, acc):
+            blk = jax.lax.dynamic_slice_in_dim(points, i * GRAM_BLOCK, GRAM_BLOCK, axis=1)
+            return acc + block_gram(blk)
+
+        k = jax.lax.fori_loop(0, num_blocks, body, k)
+    if rest:
+        k = k + block_gram(points[:, num_blocks * GRAM_BLOCK :])
+    # back from Z to the inputs: p_j = z_j + z_ref for j != ref, p_ref = z_ref
+    c = jnp.eye(n, dtype=jnp.float64) + others.astype(jnp.float64) * jax.nn.one_hot(
+        ref, n, dtype=jnp.float64
+    )
+    return c @ k @ c.T
+
+
+def span_coordinates(gram: jax.Array):
+    """Coordinates Y (N, N) of the inputs in an orthonormal basis of their span (Y Y^T = G),
+    and the pseudo-inverse map ``to_coeffs`` with ``Y^T to_coeffs(m) = m`` for m in the span:
+    the coefficients a of m = sum_i a_i y_i."""
+    lam, q = jnp.linalg.eigh(gram)
+    lam = jnp.maximum(lam, 0.0)
+    keep = lam > lam[-1] * gram.shape[0] * jnp.finfo(jnp.float64).eps
+    root = jnp.sqrt(lam)
+    inv_root = jnp.where(keep, 1.0 / jnp.where(keep, root, 1.0), 0.0)
+    y = q * jnp.where(keep, root, 0.0)
+
+    def to_coeffs(m):
+        return q @ (inv_root * m)
+
+    return y, to_coeffs
+
+
+def gram_karcher_mean(
+    manifold: Sphere | NormSphere,
+    points: jax.Array,
+    weights: jax.Array,
+    solver: KarcherSolver | None = None,
+) -> KarcherResult:
+    """The weighted Karcher mean of the rows of ``points`` (N, D) on ``manifold`` (a
+    :class:`Sphere` of dim D - 1 or a :class:`NormSphere` of dim D), exact, in two passes.
+
+    Same contract as :func:`~manifold_merge.solvers.karcher_mean` (weights normalised, zero
+    weights ignored, ``converged`` certified by the reduced solver); the reduced iteration is
+    float64, to ``min(solver.tol, GRAM_TOL)`` (a tighter tolerance costs no extra pass over
+    the data) within ``max(solver.max_steps, 1000)`` steps of N-dimensional arithmetic, so
+    ``converged`` means the gradient is below that tolerance. Jittable and vmappable; the
+    result is in the dtype of ``points``. ``karcher_mean(..., algorithm="auto")`` calls this
+    where it applies.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from manifold_merge.manifolds import NormSphere
+        >>> w = jnp.array([[2.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+        >>> mean = gram_karcher_mean(NormSphere(3), w, jnp.array([0.5, 0.5])).mean
+        >>> [round(float(c), 4) for c in mean]
+        [2.1213, 2.1213, 0.0]
+    """
+    if not supports_gram(manifold):
+        raise TypeError(f"gram_karcher_mean needs a Sphere or NormSphere, got {manifold!r}")
+    solver = solver or KarcherSolver()
+    reduced_solver = KarcherSolver(
+        max_steps=max(solver.max_steps, 1000),
+        tol=min(solver.tol, GRAM_TOL),
+        step_size=solver.step_size,
+    )
+    points = jnp.asarray(points)
+    n, d = points.shape
+    if isinstance(manifold, Sphere) and d != manifold.dim + 1:
+        raise ValueError(f"{manifold!r} has points of {manifold.dim + 1} coordinates, got {d}")
+    if isinstance(manifold, NormSphere) and d != manifold.dim:
+        raise ValueError(f"{manifold!r} has points of {manifold.dim} coordinates, got {d}")
+    if _is_concrete(weights):
+        weights = validate_weights(weights, n)
+    out_dtype = jnp.result_type(points)
+    data = points.astype(compute_dtype(out_dtype))
+    with jax.enable_x64(True):
+        w = jnp.asarray(weights, jnp.float64)
+        ref = first_argmax(w)  # a point with positive weight
+        y, to_coeffs = span_coordinates(span_gram(data, ref))
+        if n == 1:  # one point is its own mean; the reduced manifolds need 2 coordinates
+            y = jnp.pad(y, ((0, 0), (0, 1)))
+        dim = y.shape[1]
+        if isinstance(manifold, Sphere):
+            reduced = Sphere(dim - 1, radius=manifold.radius)
+            norms = jnp.linalg.norm(y, axis=1, keepdims=True)
+            y = y * jnp.where(norms > 0, manifold.radius / jnp.where(norms > 0, norms, 1), 0)
+        else:
+            reduced = NormSphere(dim, manifold.norm_mean)
+        w = w / jnp.sum(w)
+        res = _karcher_mean(reduced, y, w, None, None, reduced_solver)
+        coeffs = to_coeffs(res.mean[:n])
+    mean = coeffs.astype(data.dtype) @ data  # pass 2: one weighted sum of the inputs
+    return KarcherResult(
+        mean.astype(out_dtype), res.num_steps, res.grad_norm.astype(jnp.float32), res.converged
+    )
