@@ -141,3 +141,11 @@ def task_records(label, names, accs, expert_accs, kls, frs=None) -> tuple[list, 
     if frs is not None:
         avg["fr_distance"] = float(np.mean(frs))
     return rows, avg
+
+
+def quiet_logs() -> None:
+    """Progress bars and the runner's own lines only: library INFO logs (Orbax's checkpoint
+    chatter, JAX's backend probing) are raised to WARNING. Called by the scripts' mains."""
+    from absl import logging as absl_logging  # noqa: PLC0415
+
+    absl_logging.set_verbosity(absl_logging.WARNING)

@@ -209,7 +209,9 @@ class Table:
         mean, std, n = self.cells[row, col]
         fmt = self.formats.get(col, self.formats.get(_text(col), self.fmt))
         if fmt == YES_NO:
-            return "yes" if mean == 1 else "no" if mean == 0 else f"{mean:{self.fmt}}"
+            if mean in (0, 1):
+                return "yes" if mean == 1 else "no"
+            return f"yes in {round(mean * n)}/{n}"  # mixed across seeds: say how often
         return f"{mean:{fmt}}" if n == 1 else f"{mean:{fmt}} ± {std:{fmt}}"
 
     def footnote(self) -> str:

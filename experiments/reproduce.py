@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
 from absl import app, flags  # noqa: E402
 
 from experiments import make_tables  # noqa: E402
+from experiments.common import quiet_logs  # noqa: E402
 from experiments.run import run_sweep  # noqa: E402
 
 #: The default set, in run order (A1 first: Figure A, A2 and the ablation reuse its experts).
@@ -89,6 +90,7 @@ def reproduce(names, arg: str, workdir: Path, out: Path, *, progress: bool = Tru
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_logs()
     f = flags.FLAGS
     names = f.only or list(CONFIGS)
     unknown = [n for n in names if not (ROOT / "configs" / f"{n}.py").exists()]

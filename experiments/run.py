@@ -34,7 +34,8 @@ if str(ROOT) not in sys.path:
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from experiments.common import cache_dir, write_json  # noqa: E402
+from experiments.common import cache_dir, quiet_logs, write_json  # noqa: E402
+from manifold_merge.compilation import enable_compilation_cache  # noqa: E402
 
 
 def define_flags() -> None:
@@ -74,17 +75,6 @@ def set_dotted(config, key: str, value) -> None:
         node[leaf] = value
 
 
-def enable_compilation_cache(root: Path) -> None:
-    """Keep XLA's compiled executables in ``root/xla`` (JAX's persistent compilation cache):
-    sweep points and reruns with the same shapes skip the compilation, which dominates the
-    runtime of small-model experiments on a CPU."""
-    import jax
-
-    if jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", str(Path(root) / "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-
-
 def point_name(overrides: dict) -> str:
     """A folder name for one sweep point: ``num_experts=4,seed=1``."""
     return ",".join(f"{k}={_short(v)}" for k, v in overrides.items()) or "default"
@@ -106,7 +96,7 @@ def run_one(config, workdir: str | Path, *, force: bool = False) -> dict:
             print(f"run.py: {workdir} is up to date (use --force to rerun)", flush=True)
             return json.loads(metrics_path.read_text())
     module = experiment_module(config)
-    enable_compilation_cache(cache_dir(config))
+    enable_compilation_cache(cache_dir(config) / "xla")
     write_json(workdir / "config.json", as_dict)
     start = time.perf_counter()
     metrics = module.run(config, str(workdir))
@@ -144,6 +134,7 @@ def run_sweep(config, config_path: str, arg: str, workdir: str | Path, *, force=
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_logs()
     f = flags.FLAGS
     if f.config is None or f.workdir is None:
         raise app.UsageError("--config and --workdir are required")

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from manifold_merge.compilation import enable_compilation_cache
 from manifold_merge.io.hf import CheckpointWriter, copy_aux_files, open_checkpoint, parse_size
 from manifold_merge.io.hf import to_dtype as _to_dtype
 from manifold_merge.io.merge_config import ConfigError, MergePlan, load_merge_config
@@ -771,6 +772,8 @@ def _merge_adapters(args, plan: MergePlan, out: Path, notes: list[str]) -> int:
 
 
 def _cmd_merge(args) -> int:
+    if not (args.no_compile_cache or args.dry_run or os.environ.get("MM_COMPILE_CACHE") == "0"):
+        enable_compilation_cache(args.compile_cache)
     notes: list[str] = []
     with _printed_warnings(notes):
         plan = load_merge_config(args.config)
@@ -847,6 +850,20 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        default=None,
+        help=(
+            "keep compiled XLA programs in DIR, so later merges with the same tensor shapes "
+            "skip compilation (default $MM_CACHE_DIR/xla or ~/.cache/manifold_merge/xla)"
+        ),
+    )
+    m.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="compile everything afresh, store nothing (also: MM_COMPILE_CACHE=0)",
+    )
     return parser
 
 

@@ -14,6 +14,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# The CLI keeps a persistent XLA compilation cache by default; the tests must not write one.
+os.environ["MM_COMPILE_CACHE"] = "0"
 # Drawn once in the controlling process and inherited by pytest-xdist's workers (which start
 # after this module is imported), so one printed seed reproduces the whole run.
 os.environ.setdefault("MM_TEST_SEED", str(secrets.randbelow(2**31)))

@@ -605,9 +605,7 @@ def test_frechet_sphere_leaves_zero_task_vectors_out(rng, approx, norm_mean):
     for m in models:
         m[2] = base[2]  # every model: row 2 unchanged
     kw = dict(manifold="norm_sphere", approx=approx, norm_mean=norm_mean)
-    res = mm.merge(
-        "frechet", [{"w": m} for m in models], base={"w": base}, granularity="row", **kw
-    )
+    res = mm.merge("frechet", [{"w": m} for m in models], base={"w": base}, granularity="row", **kw)
     out = np.asarray(res.params["w"])
     assert np.all(np.isfinite(out))
     np.testing.assert_array_equal(out[2], base[2])

@@ -1,13 +1,12 @@
 """Solvers that compose the manifold layer: weighted Karcher / Fréchet means."""
 
+from manifold_merge.solvers.gram import gram_karcher_mean
 from manifold_merge.solvers.karcher import (
     KarcherResult,
     KarcherSolver,
     karcher_mean,
     validate_weights,
 )
-from manifold_merge.solvers.gram import gram_karcher_mean
-
 
 __all__ = [
     "KarcherResult",

@@ -1,0 +1,236 @@
+"""Issue 8's benchmarks in one command: sets up the comparison environment, runs every
+measurement side by side, and writes ``benchmarks/RESULTS.md``.
+
+    python benchmarks/run.py            # everything (about 30-40 min on a 2-core CPU)
+    python benchmarks/run.py --quick    # small sizes, 2 repeats: a check that it all runs
+
+Steps:
+
+1. the benchmark-only environment ``benchmarks/.venv-compare`` (never the project's own):
+   torch (CPU build), mergekit and geomstats from PyPI, created on first use;
+2. ``karcher_speed.py``: Karcher means of N in {2, 4, 8} blocks of D in {1e6, 1.6e7} float32:
+   ours (Gram-space and iterative), NumPy floors, mergekit, geomstats, float64 errors;
+3. ``end_to_end.py``: ``manifold-merge merge`` vs ``mergekit-pytorch`` on MiniLM-derived
+   checkpoints (linear and karcher): wall time and peak RSS;
+4. ``lora_speed.py``: core-space LoRA merges vs the dense equivalent, m = n = 4096, r = 16.
+
+Each part runs in its own process and writes a JSON file next to this script; the report is
+rendered from those files (``--render-only`` re-renders without measuring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+COMPARE_ENV = HERE / ".venv-compare"
+#: The comparison environment: torch's CPU build (pip takes 2.13.0 from the machine's disk
+#: where it lies there, see the README), the tools, and a NumPy that geomstats 2.8 imports
+#: with (it uses np.trapz, removed in NumPy 2.4).
+COMPARE_PACKAGES = ["torch==2.13.0", "mergekit", "geomstats", "numpy<2.4"]
+KARCHER_TARGET_RATIO = 3.0  # karcher <= 3 x the one-pass floor at N = 8, D = 1.6e7
+MERGEKIT_TARGET_SPEEDUP = 10.0
+LORA_TARGET_SPEEDUP = 20.0
+
+
+def compare_python() -> Path:
+    py = COMPARE_ENV / "bin" / "python"
+    if not py.exists():
+        print(f"benchmarks: creating {COMPARE_ENV} ({', '.join(COMPARE_PACKAGES)})", flush=True)
+        venv.create(COMPARE_ENV, with_pip=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *COMPARE_PACKAGES], check=True)
+    return py
+
+
+def part(script: str, *args: str) -> None:
+    print(f"benchmarks: {script} {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, str(HERE / script), *args], check=True)
+
+
+def _versions(py: Path) -> dict:
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    code = (
+        "import json, importlib.metadata as m; "
+        "print(json.dumps({k: m.version(k) for k in ('torch', 'mergekit', 'geomstats', 'numpy')}))"
+    )
+    try:
+        other = json.loads(subprocess.run([str(py), "-c", code], capture_output=True,
+                                          text=True, check=True).stdout)  # fmt: skip
+    except (subprocess.CalledProcessError, FileNotFoundError, json.JSONDecodeError):
+        other = {}
+    return {"python": platform.python_version(), "jax": jax.__version__,
+            "numpy": np.__version__, **{f"compare env {k}": v for k, v in other.items()}}  # fmt: skip
+
+
+def _machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    except OSError:
+        mem = float("nan")
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.machine()}"
+
+
+def _fmt_s(v) -> str:
+    return "—" if v is None else f"{v * 1e3:.1f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def _fmt_e(v) -> str:
+    return "—" if v is None else f"{v:.1e}"
+
+
+def render(py: Path, quick: bool) -> str:
+    lines = ["# Benchmarks (issue 8)", ""]
+    lines += [f"Written by `python benchmarks/run.py{' --quick' if quick else ''}`. "
+              f"Machine: {_machine()}.", ""]  # fmt: skip
+    lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in _versions(py).items()) + ".", ""]
+    lines += ["All times are medians of the runs shown (after a warm-up run that compiles); "
+              "ratios are against baselines measured in the same run.", ""]  # fmt: skip
+    lines += _render_karcher()
+    lines += _render_end_to_end()
+    lines += _render_lora()
+    return "\n".join(lines) + "\n"
+
+
+def _load(name):
+    path = HERE / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _render_karcher() -> list[str]:
+    rows = _load("results_karcher.json")
+    if rows is None:
+        return ["## Karcher means", "", "(not measured)", ""]
+    out = ["## Karcher means of N blocks of D float32", ""]
+    out += ["Error: angle to the float64 reference direction (rad) / relative norm error. "
+            "`w @ X` is NumPy's BLAS pass over the stacked (N, D) array, the one-pass floor; "
+            "the loop is `S += w_i X_i` over the tensors.", ""]  # fmt: skip
+    out += ["| N | D | implementation | median | vs floor | steps | angle error | norm error | note |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    floors = {(r["N"], r["D"]): r["median_s"] for r in rows if r["impl"] == "numpy_w@X"}
+    for r in rows:
+        floor = floors.get((r["N"], r["D"]))
+        med = r.get("median_s")
+        ratio = f"{med / floor:.2f}×" if med is not None and floor else "—"
+        note = r.get("error") or ""
+        if "first_call_s" in r:
+            note = f"first call (compiles) {_fmt_s(r['first_call_s'])}"
+        if r.get("version"):
+            note = (note + f"; v{r['version']}").lstrip("; ")
+        if r.get("converged") is False:
+            note += "; not converged"
+        out.append(
+            f"| {r['N']} | {r['D']:.1e} | {r['impl']} | {_fmt_s(med)} | {ratio} | "
+            f"{r.get('steps', '—')} | {_fmt_e(r.get('angle_err'))} | "
+            f"{_fmt_e(r.get('norm_err'))} | {note} |"
+        )
+    out += [""]
+    big = [r for r in rows if r["N"] == max(x["N"] for x in rows)
+           and r["D"] == max(x["D"] for x in rows)]  # fmt: skip
+    by = {r["impl"]: r for r in big}
+    if "ours_gram" in by and "numpy_w@X" in by:
+        n, d = big[0]["N"], big[0]["D"]
+        ratio = by["ours_gram"]["median_s"] / by["numpy_w@X"]["median_s"]
+        ok = "met" if ratio <= KARCHER_TARGET_RATIO else "missed"
+        out.append(f"- Target karcher ≤ {KARCHER_TARGET_RATIO:g}× the one-pass floor at N = {n}, "
+                   f"D = {d:.1e}: **{ratio:.2f}×, {ok}**.")  # fmt: skip
+        mk = by.get("mergekit_karcher", {})
+        if mk.get("median_s"):
+            speed = mk["median_s"] / by["ours_gram"]["median_s"]
+            err_ok = by["ours_gram"]["angle_err"] <= mk["angle_err"]
+            ok = "met" if speed >= MERGEKIT_TARGET_SPEEDUP and err_ok else "missed"
+            out.append(f"- Target ≥ {MERGEKIT_TARGET_SPEEDUP:g}× faster than mergekit's karcher "
+                       f"with error ≤ its error: **{speed:.1f}× faster, angle error "
+                       f"{by['ours_gram']['angle_err']:.1e} vs {mk['angle_err']:.1e}, {ok}**.")  # fmt: skip
+    out.append("")
+    return out
+
+
+def _render_end_to_end() -> list[str]:
+    rows = _load("results_end_to_end.json")
+    if rows is None:
+        return ["## End to end", "", "(not measured)", ""]
+    out = ["## End to end: `manifold-merge merge` vs `mergekit-pytorch`", ""]
+    out += ["MiniLM-derived checkpoints (4 experts, float32 output). Each run is a fresh process; "
+            "ours keeps its persistent XLA cache, so its first run compiles and the later runs "
+            "load the compiled programs.", ""]  # fmt: skip
+    out += ["| method | tool | first run | median of later runs | peak RSS (median) | "
+            "max rel. difference to the other tool |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        out.append(f"| {r['method']} | {r['tool']} | {_fmt_s(r['first_wall_s'])} | "
+                   f"{_fmt_s(r['median_wall_s'])} ({r['runs']} runs) | "
+                   f"{r['median_peak_rss_mb']:.0f} MB | {r['max_rel_diff_vs_other']:.1e} |")  # fmt: skip
+    out.append("")
+    for method in dict.fromkeys(r["method"] for r in rows):
+        by = {r["tool"]: r for r in rows if r["method"] == method}
+        if {"ours", "mergekit"} <= set(by):
+            a, b = by["ours"], by["mergekit"]
+            ok = "met" if a["median_wall_s"] <= b["median_wall_s"] else "missed"
+            first = "met" if a["first_wall_s"] <= b["first_wall_s"] else "missed"
+            out.append(f"- {method}: wall time ours / mergekit = "
+                       f"{a['median_wall_s'] / b['median_wall_s']:.2f} (later runs, **{ok}**), "
+                       f"{a['first_wall_s'] / b['first_wall_s']:.2f} (first run, "
+                       f"compiling: {first}).")  # fmt: skip
+    out.append("")
+    return out
+
+
+def _render_lora() -> list[str]:
+    rows = _load("results_lora.json")
+    if rows is None:
+        return ["## LoRA", "", "(not measured)", ""]
+    out = ["## LoRA: core space vs the dense equivalent", ""]
+    out += ["| method | N | m × n, r | output rank | ours (core space) | dense (sum + SVD) | "
+            "speed-up | rel. difference |", "|---|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        out.append(f"| {r['method']} | {r['N']} | {r['m']} × {r['n']}, {r['r']} | {r['out_rank']} | "
+                   f"{_fmt_s(r['ours_median_s'])} | {_fmt_s(r['dense_median_s'])} | "
+                   f"{r['speedup']:.0f}× | {r['rel_diff']:.1e} |")  # fmt: skip
+    at8 = [r for r in rows if r["N"] == 8]
+    if at8:
+        worst = min(r["speedup"] for r in at8)
+        ok = "met" if worst >= LORA_TARGET_SPEEDUP else "missed"
+        out += ["", f"- Target core space ≥ {LORA_TARGET_SPEEDUP:g}× faster than dense at N = 8: "
+                    f"**{worst:.0f}× (slowest method), {ok}**."]  # fmt: skip
+    out.append("")
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, 2 repeats")
+    p.add_argument("--render-only", action="store_true", help="re-render RESULTS.md")
+    p.add_argument("--only", default="karcher,end_to_end,lora")
+    a = p.parse_args()
+    py = compare_python()
+    if not a.render_only:
+        reps = "2" if a.quick else "5"
+        parts = a.only.split(",")
+        if "karcher" in parts:
+            sizes = ["--ds", "100000,1000000", "--ns", "2,8"] if a.quick else []
+            part("karcher_speed.py", "--compare-python", str(py), "--repeats", reps, *sizes)
+        if "end_to_end" in parts:
+            part("end_to_end.py", "--compare-bin", str(py.parent), "--repeats", reps)
+        if "lora" in parts:
+            sizes = ["--m", "1024", "--n", "1024"] if a.quick else []
+            part("lora_speed.py", "--repeats", reps, *sizes)
+    text = render(py, a.quick)
+    (HERE / "RESULTS.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
