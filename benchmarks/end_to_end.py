@@ -108,11 +108,20 @@ def run(compare_bin: str, repeats: int, methods=("linear", "karcher"), workdir=N
         cfg_ours, cfg_theirs = write_configs(root, experts, method)
         outs = {"ours": root / f"out_ours_{method}", "mergekit": root / f"out_mk_{method}"}
         cmds = {
-            "ours": [ours_bin, "merge", str(cfg_ours), str(outs["ours"]), "--force",
-                     "--no-progress"],
-            "mergekit": [str(Path(compare_bin) / "mergekit-pytorch"), str(cfg_theirs),
-                         str(outs["mergekit"])],
-        }  # fmt: skip
+            "ours": [
+                ours_bin,
+                "merge",
+                str(cfg_ours),
+                str(outs["ours"]),
+                "--force",
+                "--no-progress",
+            ],
+            "mergekit": [
+                str(Path(compare_bin) / "mergekit-pytorch"),
+                str(cfg_theirs),
+                str(outs["mergekit"]),
+            ],
+        }
         results = {"ours": [], "mergekit": []}
         for i in range(repeats + 1):
             for tool in ("ours", "mergekit") if i % 2 == 0 else ("mergekit", "ours"):
@@ -123,15 +132,17 @@ def run(compare_bin: str, repeats: int, methods=("linear", "karcher"), workdir=N
         diff = compare_outputs(outs["ours"], outs["mergekit"] / "model.safetensors")
         for tool, runs in results.items():
             rest = runs[1:]
-            rows.append({
-                "method": method,
-                "tool": tool,
-                "first_wall_s": runs[0]["wall_s"],
-                "median_wall_s": float(np.median([r["wall_s"] for r in rest])),
-                "median_peak_rss_mb": float(np.median([r["peak_rss_mb"] for r in rest])),
-                "runs": len(rest),
-                "max_rel_diff_vs_other": diff,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "method": method,
+                    "tool": tool,
+                    "first_wall_s": runs[0]["wall_s"],
+                    "median_wall_s": float(np.median([r["wall_s"] for r in rest])),
+                    "median_peak_rss_mb": float(np.median([r["peak_rss_mb"] for r in rest])),
+                    "runs": len(rest),
+                    "max_rel_diff_vs_other": diff,
+                }
+            )
     return rows
 
 

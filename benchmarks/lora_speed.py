@@ -61,7 +61,9 @@ def ours_merge(method: str, bs, as_, w, rank: int):
 
 def rel_diff(f1, f2) -> float:
     """||b1 a1 - b2 a2|| / ||b2 a2||, without forming m x n products (traces of small Grams)."""
-    (b1, a1), (b2, a2) = [(np.asarray(b, np.float64), np.asarray(a, np.float64)) for b, a in (f1, f2)]
+    (b1, a1), (b2, a2) = [
+        (np.asarray(b, np.float64), np.asarray(a, np.float64)) for b, a in (f1, f2)
+    ]
 
     def inner(ba, ab, bb, aa):  # <b a, B A>_F = tr(a^T b^T B A) = tr((b^T B)(A a^T))
         return float(np.trace((ba.T @ bb) @ (aa @ ab.T)))
@@ -89,11 +91,21 @@ def run(ns, m: int, k: int, r: int, repeats: int) -> list:
             t_ours, out = timed(ours_merge(method, bs, as_, w, rank), repeats)
             t_dense, ref = timed(lambda: dense_merge(bs, as_, w, rank), repeats)
             med_o, med_d = float(np.median(t_ours)), float(np.median(t_dense))
-            rows.append({
-                "method": method, "N": n, "m": m, "n": k, "r": r, "out_rank": rank,
-                "ours_median_s": med_o, "dense_median_s": med_d, "speedup": med_d / med_o,
-                "runs": repeats, "rel_diff": rel_diff((out.b, out.a), ref),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "method": method,
+                    "N": n,
+                    "m": m,
+                    "n": k,
+                    "r": r,
+                    "out_rank": rank,
+                    "ours_median_s": med_o,
+                    "dense_median_s": med_d,
+                    "speedup": med_d / med_o,
+                    "runs": repeats,
+                    "rel_diff": rel_diff((out.b, out.a), ref),
+                }
+            )
     return rows
 
 

@@ -63,12 +63,17 @@ def _versions(py: Path) -> dict:
         "print(json.dumps({k: m.version(k) for k in ('torch', 'mergekit', 'geomstats', 'numpy')}))"
     )
     try:
-        other = json.loads(subprocess.run([str(py), "-c", code], capture_output=True,
-                                          text=True, check=True).stdout)  # fmt: skip
+        other = json.loads(
+            subprocess.run([str(py), "-c", code], capture_output=True, text=True, check=True).stdout
+        )
     except (subprocess.CalledProcessError, FileNotFoundError, json.JSONDecodeError):
         other = {}
-    return {"python": platform.python_version(), "jax": jax.__version__,
-            "numpy": np.__version__, **{f"compare env {k}": v for k, v in other.items()}}  # fmt: skip
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "numpy": np.__version__,
+        **{f"compare env {k}": v for k, v in other.items()},
+    }
 
 
 def _machine() -> str:
@@ -81,7 +86,8 @@ def _machine() -> str:
         mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
     except OSError:
         mem = float("nan")
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.machine()}"
+    system = f"{platform.system()} {platform.machine()}"
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {system}"
 
 
 def _fmt_s(v) -> str:
@@ -94,11 +100,17 @@ def _fmt_e(v) -> str:
 
 def render(py: Path, quick: bool) -> str:
     lines = ["# Benchmarks (issue 8)", ""]
-    lines += [f"Written by `python benchmarks/run.py{' --quick' if quick else ''}`. "
-              f"Machine: {_machine()}.", ""]  # fmt: skip
+    lines += [
+        f"Written by `python benchmarks/run.py{' --quick' if quick else ''}`. "
+        f"Machine: {_machine()}.",
+        "",
+    ]
     lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in _versions(py).items()) + ".", ""]
-    lines += ["All times are medians of the runs shown (after a warm-up run that compiles); "
-              "ratios are against baselines measured in the same run.", ""]  # fmt: skip
+    lines += [
+        "All times are medians of the runs shown (after a warm-up run that compiles); "
+        "ratios are against baselines measured in the same run.",
+        "",
+    ]
     lines += _render_karcher()
     lines += _render_end_to_end()
     lines += _render_lora()
@@ -115,11 +127,16 @@ def _render_karcher() -> list[str]:
     if rows is None:
         return ["## Karcher means", "", "(not measured)", ""]
     out = ["## Karcher means of N blocks of D float32", ""]
-    out += ["Error: angle to the float64 reference direction (rad) / relative norm error. "
-            "`w @ X` is NumPy's BLAS pass over the stacked (N, D) array, the one-pass floor; "
-            "the loop is `S += w_i X_i` over the tensors.", ""]  # fmt: skip
-    out += ["| N | D | implementation | median | vs floor | steps | angle error | norm error | note |",
-            "|---:|---:|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    out += [
+        "Error: angle to the float64 reference direction (rad) / relative norm error. "
+        "`w @ X` is NumPy's BLAS pass over the stacked (N, D) array, the one-pass floor; "
+        "the loop is `S += w_i X_i` over the tensors.",
+        "",
+    ]
+    out += [
+        "| N | D | implementation | median | vs floor | steps | angle error | norm error | note |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
     floors = {(r["N"], r["D"]): r["median_s"] for r in rows if r["impl"] == "numpy_w@X"}
     for r in rows:
         floor = floors.get((r["N"], r["D"]))
@@ -138,23 +155,30 @@ def _render_karcher() -> list[str]:
             f"{_fmt_e(r.get('norm_err'))} | {note} |"
         )
     out += [""]
-    big = [r for r in rows if r["N"] == max(x["N"] for x in rows)
-           and r["D"] == max(x["D"] for x in rows)]  # fmt: skip
+    big = [
+        r
+        for r in rows
+        if r["N"] == max(x["N"] for x in rows) and r["D"] == max(x["D"] for x in rows)
+    ]
     by = {r["impl"]: r for r in big}
     if "ours_gram" in by and "numpy_w@X" in by:
         n, d = big[0]["N"], big[0]["D"]
         ratio = by["ours_gram"]["median_s"] / by["numpy_w@X"]["median_s"]
         ok = "met" if ratio <= KARCHER_TARGET_RATIO else "missed"
-        out.append(f"- Target karcher ≤ {KARCHER_TARGET_RATIO:g}× the one-pass floor at N = {n}, "
-                   f"D = {d:.1e}: **{ratio:.2f}×, {ok}**.")  # fmt: skip
+        out.append(
+            f"- Target karcher ≤ {KARCHER_TARGET_RATIO:g}× the one-pass floor at N = {n}, "
+            f"D = {d:.1e}: **{ratio:.2f}×, {ok}**."
+        )
         mk = by.get("mergekit_karcher", {})
         if mk.get("median_s"):
             speed = mk["median_s"] / by["ours_gram"]["median_s"]
             err_ok = by["ours_gram"]["angle_err"] <= mk["angle_err"]
             ok = "met" if speed >= MERGEKIT_TARGET_SPEEDUP and err_ok else "missed"
-            out.append(f"- Target ≥ {MERGEKIT_TARGET_SPEEDUP:g}× faster than mergekit's karcher "
-                       f"with error ≤ its error: **{speed:.1f}× faster, angle error "
-                       f"{by['ours_gram']['angle_err']:.1e} vs {mk['angle_err']:.1e}, {ok}**.")  # fmt: skip
+            out.append(
+                f"- Target ≥ {MERGEKIT_TARGET_SPEEDUP:g}× faster than mergekit's karcher "
+                f"with error ≤ its error: **{speed:.1f}× faster, angle error "
+                f"{by['ours_gram']['angle_err']:.1e} vs {mk['angle_err']:.1e}, {ok}**."
+            )
     out.append("")
     return out
 
@@ -164,15 +188,23 @@ def _render_end_to_end() -> list[str]:
     if rows is None:
         return ["## End to end", "", "(not measured)", ""]
     out = ["## End to end: `manifold-merge merge` vs `mergekit-pytorch`", ""]
-    out += ["MiniLM-derived checkpoints (4 experts, float32 output). Each run is a fresh process; "
-            "ours keeps its persistent XLA cache, so its first run compiles and the later runs "
-            "load the compiled programs.", ""]  # fmt: skip
-    out += ["| method | tool | first run | median of later runs | peak RSS (median) | "
-            "max rel. difference to the other tool |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    out += [
+        "MiniLM-derived checkpoints (4 experts, float32 output). Each run is a fresh process; "
+        "ours keeps its persistent XLA cache, so its first run compiles and the later runs "
+        "load the compiled programs.",
+        "",
+    ]
+    out += [
+        "| method | tool | first run | median of later runs | peak RSS (median) | "
+        "max rel. difference to the other tool |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        out.append(f"| {r['method']} | {r['tool']} | {_fmt_s(r['first_wall_s'])} | "
-                   f"{_fmt_s(r['median_wall_s'])} ({r['runs']} runs) | "
-                   f"{r['median_peak_rss_mb']:.0f} MB | {r['max_rel_diff_vs_other']:.1e} |")  # fmt: skip
+        out.append(
+            f"| {r['method']} | {r['tool']} | {_fmt_s(r['first_wall_s'])} | "
+            f"{_fmt_s(r['median_wall_s'])} ({r['runs']} runs) | "
+            f"{r['median_peak_rss_mb']:.0f} MB | {r['max_rel_diff_vs_other']:.1e} |"
+        )
     out.append("")
     for method in dict.fromkeys(r["method"] for r in rows):
         by = {r["tool"]: r for r in rows if r["method"] == method}
@@ -180,10 +212,12 @@ def _render_end_to_end() -> list[str]:
             a, b = by["ours"], by["mergekit"]
             ok = "met" if a["median_wall_s"] <= b["median_wall_s"] else "missed"
             first = "met" if a["first_wall_s"] <= b["first_wall_s"] else "missed"
-            out.append(f"- {method}: wall time ours / mergekit = "
-                       f"{a['median_wall_s'] / b['median_wall_s']:.2f} (later runs, **{ok}**), "
-                       f"{a['first_wall_s'] / b['first_wall_s']:.2f} (first run, "
-                       f"compiling: {first}).")  # fmt: skip
+            out.append(
+                f"- {method}: wall time ours / mergekit = "
+                f"{a['median_wall_s'] / b['median_wall_s']:.2f} (later runs, **{ok}**), "
+                f"{a['first_wall_s'] / b['first_wall_s']:.2f} (first run, "
+                f"compiling: {first})."
+            )
     out.append("")
     return out
 
@@ -193,18 +227,26 @@ def _render_lora() -> list[str]:
     if rows is None:
         return ["## LoRA", "", "(not measured)", ""]
     out = ["## LoRA: core space vs the dense equivalent", ""]
-    out += ["| method | N | m × n, r | output rank | ours (core space) | dense (sum + SVD) | "
-            "speed-up | rel. difference |", "|---|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    out += [
+        "| method | N | m × n, r | output rank | ours (core space) | dense (sum + SVD) | "
+        "speed-up | rel. difference |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        out.append(f"| {r['method']} | {r['N']} | {r['m']} × {r['n']}, {r['r']} | {r['out_rank']} | "
-                   f"{_fmt_s(r['ours_median_s'])} | {_fmt_s(r['dense_median_s'])} | "
-                   f"{r['speedup']:.0f}× | {r['rel_diff']:.1e} |")  # fmt: skip
+        out.append(
+            f"| {r['method']} | {r['N']} | {r['m']} × {r['n']}, {r['r']} | {r['out_rank']} | "
+            f"{_fmt_s(r['ours_median_s'])} | {_fmt_s(r['dense_median_s'])} | "
+            f"{r['speedup']:.0f}× | {r['rel_diff']:.1e} |"
+        )
     at8 = [r for r in rows if r["N"] == 8]
     if at8:
         worst = min(r["speedup"] for r in at8)
         ok = "met" if worst >= LORA_TARGET_SPEEDUP else "missed"
-        out += ["", f"- Target core space ≥ {LORA_TARGET_SPEEDUP:g}× faster than dense at N = 8: "
-                    f"**{worst:.0f}× (slowest method), {ok}**."]  # fmt: skip
+        out += [
+            "",
+            f"- Target core space ≥ {LORA_TARGET_SPEEDUP:g}× faster than dense at N = 8: "
+            f"**{worst:.0f}× (slowest method), {ok}**.",
+        ]
     out.append("")
     return out
 

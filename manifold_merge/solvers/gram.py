@@ -14,10 +14,11 @@ of the N inputs, and the geometry of the inputs is fixed by their N x N Gram mat
 The map from the span to its coordinates is an isometry, so this is the Karcher mean itself,
 not an approximation; its cost does not depend on the number of iterations.
 
-Precision: the Gram is accumulated in float64. For close inputs (full fine-tuned weights at a
-tiny angle) the Gram of the vectors themselves would bury the angles in the rounding of
-||p||^2, so pass 1 takes the Gram of Z = [p_k; p_j - p_k (j != k)] around a reference input
-p_k, whose entries are each accurate relative to their own size; G follows exactly.
+Precision: each block of columns is summed by one float32 dot, the blocks in float64
+(relative error of G about 1e-8). That fixes angles to about 1e-8 / theta rad, so when two
+inputs are closer than :data:`SHIFT_BELOW` (full fine-tuned weights, without a base) pass 1 is
+redone as the Gram of Z = [p_k; p_j - p_k (j != k)] around a reference input p_k, whose
+entries are each accurate relative to their own size; G follows exactly.
 """
 
 from __future__ import annotations
@@ -36,12 +37,18 @@ from manifold_merge.solvers.karcher import (
     validate_weights,
 )
 
-#: Columns per Gram block. XLA's CPU dot of a short, very wide matrix is several times faster
-#: in blocks of this size than as one op (ALGORITHMS.md section 3).
-GRAM_BLOCK = 65536
+#: Columns per Gram block: each block's products are summed by one float32 dot (relative
+#: error ~1e-8 measured), the blocks in float64. XLA's CPU dot of a short, very wide matrix is
+#: several times faster in blocks than as one op (ALGORITHMS.md section 3); 8192 was the
+#: fastest of 1024-65536 for N = 8, D = 1.6e7 on the 2-core machines.
+GRAM_BLOCK = 8192
 
 #: Default tolerance of the reduced (float64) iteration, in radians.
 GRAM_TOL = 1e-10
+
+#: Below this smallest pairwise angle (rad) pass 1 is redone around a reference input: the
+#: Gram of the raw vectors knows an angle theta only to about 1e-8 / theta rad.
+SHIFT_BELOW = 0.05
 
 
 def supports_gram(manifold) -> bool:
@@ -49,22 +56,25 @@ def supports_gram(manifold) -> bool:
     return isinstance(manifold, (Sphere, NormSphere))
 
 
-def span_gram(points: jax.Array, ref: jax.Array | int = 0) -> jax.Array:
+def span_gram(points: jax.Array, ref: jax.Array | int | None = None) -> jax.Array:
     """Pass 1: the float64 Gram matrix G_ij = <p_i, p_j> of the rows of ``points`` (N, D).
 
-    Computed as the Gram of Z = [p_ref; p_j - p_ref] over blocks of :data:`GRAM_BLOCK`
-    columns, each block's products accumulated in float64, so that small differences between
-    close inputs keep their relative precision; G = C Z Z^T C^T with p_j = z_j + z_ref.
-    Must be called with JAX's x64 mode on (as :func:`gram_karcher_mean` does).
+    Summed over blocks of :data:`GRAM_BLOCK` columns (one dot per block, in the data's dtype;
+    the blocks accumulated in float64). With ``ref`` (an input index) it is computed as the
+    Gram of Z = [p_ref; p_j - p_ref] and mapped back (p_j = z_j + z_ref), so that the small
+    differences between close inputs keep their relative precision; that costs about 3x the
+    plain pass (the differences are formed block by block). Must be called with JAX's x64 mode
+    on (as :func:`gram_karcher_mean` does).
     """
     n, d = points.shape
-    others = (jnp.arange(n) != ref)[:, None]
+    if ref is not None:
+        others = (jnp.arange(n) != ref)[:, None]
 
     def block_gram(blk):
-        z = blk - jnp.where(others, blk[ref][None, :], 0.0)
-        return jax.lax.dot_general(
-            z, z, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float64
-        )
+        if ref is not None:
+            blk = blk - jnp.where(others, blk[ref][None, :], 0.0)
+        g = jax.lax.dot_general(blk, blk, (((1,), (1,)), ((), ())))
+        return g.astype(jnp.float64)
 
     num_blocks, rest = divmod(d, GRAM_BLOCK)
     k = jnp.zeros((n, n), jnp.float64)
@@ -79,11 +89,23 @@ def span_gram(points: jax.Array, ref: jax.Array | int = 0) -> jax.Array:
         k = jax.lax.fori_loop(0, num_blocks, body, k)
     if rest:
         k = k + block_gram(points[:, num_blocks * GRAM_BLOCK :])
-    # back from Z to the inputs: p_j = z_j + z_ref for j != ref, p_ref = z_ref
+    if ref is None:
+        return k
     c = jnp.eye(n, dtype=jnp.float64) + others.astype(jnp.float64) * jax.nn.one_hot(
         ref, n, dtype=jnp.float64
     )
     return c @ k @ c.T
+
+
+def _smallest_angle(gram: jax.Array) -> jax.Array:
+    """Smallest angle between two nonzero inputs, from their Gram (atan2 form; pi if none)."""
+    r = jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0))
+    ok = r > 0
+    c = gram / jnp.where(ok, r, 1.0)[:, None] / jnp.where(ok, r, 1.0)[None, :]
+    c = jnp.clip(c, -1.0, 1.0)
+    theta = 2.0 * jnp.arctan2(jnp.sqrt(2.0 - 2.0 * c), jnp.sqrt(2.0 + 2.0 * c))
+    pair = ok[:, None] & ok[None, :] & ~jnp.eye(gram.shape[0], dtype=bool)
+    return jnp.min(jnp.where(pair, theta, jnp.pi))
 
 
 def span_coordinates(gram: jax.Array):
@@ -101,6 +123,17 @@ def span_coordinates(gram: jax.Array):
         return q @ (inv_root * m)
 
     return y, to_coeffs
+
+
+def _weighted_sum(coeffs: jax.Array, data: jax.Array) -> jax.Array:
+    """sum_i c_i x_i: for a few inputs as one fused elementwise loop (XLA's CPU dot of an (N,)
+    vector with an (N, D) matrix ran 10x below memory bandwidth), else as a dot."""
+    if data.shape[0] > 32:
+        return coeffs @ data
+    out = coeffs[0] * data[0]
+    for i in range(1, data.shape[0]):
+        out = out + coeffs[i] * data[i]
+    return out
 
 
 def gram_karcher_mean(
@@ -149,7 +182,11 @@ def gram_karcher_mean(
     with jax.enable_x64(True):
         w = jnp.asarray(weights, jnp.float64)
         ref = first_argmax(w)  # a point with positive weight
-        y, to_coeffs = span_coordinates(span_gram(data, ref))
+        gram = span_gram(data)
+        gram = jax.lax.cond(
+            _smallest_angle(gram) < SHIFT_BELOW, lambda: span_gram(data, ref), lambda: gram
+        )
+        y, to_coeffs = span_coordinates(gram)
         if n == 1:  # one point is its own mean; the reduced manifolds need 2 coordinates
             y = jnp.pad(y, ((0, 0), (0, 1)))
         dim = y.shape[1]
@@ -162,7 +199,7 @@ def gram_karcher_mean(
         w = w / jnp.sum(w)
         res = _karcher_mean(reduced, y, w, None, None, reduced_solver)
         coeffs = to_coeffs(res.mean[:n])
-    mean = coeffs.astype(data.dtype) @ data  # pass 2: one weighted sum of the inputs
+    mean = _weighted_sum(coeffs.astype(data.dtype), data)  # pass 2
     return KarcherResult(
         mean.astype(out_dtype), res.num_steps, res.grad_norm.astype(jnp.float32), res.converged
     )
