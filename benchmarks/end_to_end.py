@@ -102,14 +102,15 @@ def run(compare_bin: str, repeats: int, methods=("linear", "karcher"), workdir=N
     root = Path(workdir or tempfile.mkdtemp(prefix="mm_e2e_"))
     experts = make_experts(root / "experts")
     env = dict(os.environ, MM_CACHE_DIR=str(root / "mm_cache"))  # a fresh compilation cache
-    ours_bin = str(Path(sys.executable).with_name("manifold-merge"))
     rows = []
     for method in methods:
         cfg_ours, cfg_theirs = write_configs(root, experts, method)
         outs = {"ours": root / f"out_ours_{method}", "mergekit": root / f"out_mk_{method}"}
         cmds = {
             "ours": [
-                ours_bin,
+                sys.executable,
+                "-m",
+                "manifold_merge",
                 "merge",
                 str(cfg_ours),
                 str(outs["ours"]),

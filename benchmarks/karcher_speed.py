@@ -119,6 +119,24 @@ def ours(x: np.ndarray, w: np.ndarray, algorithm: str, repeats: int) -> dict:
     }
 
 
+def gram_passes(x: np.ndarray, repeats: int) -> dict:
+    """The Gram solver's two passes over the data timed alone: pass 1 (the float64 Gram from
+    float32 block dots) and pass 2 (the weighted sum of the inputs)."""
+    import jax  # noqa: PLC0415
+
+    from manifold_merge.solvers import gram  # noqa: PLC0415
+
+    c = np.full(x.shape[0], 1.0 / x.shape[0], np.float32)
+    with jax.enable_x64(True):
+        p1 = jax.jit(gram.span_gram)
+        jax.block_until_ready(p1(x))
+        t1, _ = timed(lambda: jax.block_until_ready(p1(x)), repeats)
+    p2 = jax.jit(gram._weighted_sum)
+    jax.block_until_ready(p2(c, x))
+    t2, _ = timed(lambda: jax.block_until_ready(p2(c, x)), repeats)
+    return {"ours_gram_pass1": {"times": t1}, "ours_gram_pass2": {"times": t2}}
+
+
 def numpy_floor(x: np.ndarray, w: np.ndarray, repeats: int) -> dict:
     w32 = w.astype(np.float32)
     w32 @ x  # warm-up
@@ -158,7 +176,17 @@ def other_tool(python: str, tool: str, x_path: Path, w_path: Path, repeats: int,
     return {"times": res["times"][1:], "version": res["version"], "out": np.load(out)}
 
 
-def run(ns, ds, repeats: int, compare_python: str | None, tools_timeout: int = 900) -> list:
+def run(
+    ns,
+    ds,
+    repeats: int,
+    compare_python: str | None,
+    tools_timeout: int = 900,
+    include_ours: bool = True,
+    others=("mergekit_karcher", "geomstats_frechet"),
+) -> list:
+    """One row per (N, D, implementation). ``include_ours=False`` keeps only ours_gram and
+    ``others`` (the small-D geomstats rows: where geomstats runs at all)."""
     rows = []
     for d in ds:
         for n in ns:
@@ -171,6 +199,8 @@ def run(ns, ds, repeats: int, compare_python: str | None, tools_timeout: int = 9
                 "numpy_w@X": numpy_floor(x, w, repeats),
                 "numpy_loop": numpy_loop(x, w, repeats),
             }
+            if include_ours and n == max(ns) and d == max(ds):
+                entries.update(gram_passes(x, repeats))
             if compare_python:
                 with tempfile.TemporaryDirectory(dir=os.environ.get("MM_BENCH_TMP")) as tmp:
                     xp, wp = Path(tmp) / "x.npy", Path(tmp) / "w.npy"
@@ -185,6 +215,10 @@ def run(ns, ds, repeats: int, compare_python: str | None, tools_timeout: int = 9
                         )
                     else:
                         entries["geomstats_frechet"] = {"error": "not run at this D (see D=1e6)"}
+            if not include_ours:
+                entries = {
+                    k: v for k, v in entries.items() if k in ("ours_gram", "numpy_w@X", *others)
+                }
             for name, e in entries.items():
                 row = {"N": n, "D": d, "impl": name}
                 if "times" in e:
@@ -206,14 +240,19 @@ def main():
     p.add_argument("--ds", default="1000000,16000000")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compare-python", default=None, help="python of the comparison env")
+    p.add_argument(
+        "--geomstats-ds",
+        default="1000,10000",
+        help="extra small D (at the largest N) where geomstats' FrechetMean fits in memory",
+    )
     p.add_argument("--out", default=str(HERE / "results_karcher.json"))
     a = p.parse_args()
-    rows = run(
-        [int(v) for v in a.ns.split(",")],
-        [int(v) for v in a.ds.split(",")],
-        a.repeats,
-        a.compare_python,
-    )
+    ns = [int(v) for v in a.ns.split(",")]
+    rows = run(ns, [int(v) for v in a.ds.split(",")], a.repeats, a.compare_python)
+    if a.compare_python and a.geomstats_ds:
+        small = [int(v) for v in a.geomstats_ds.split(",")]
+        rows += run([max(ns)], small, a.repeats, a.compare_python, include_ours=False,
+                    others=("geomstats_frechet",))  # fmt: skip
     Path(a.out).write_text(json.dumps(rows, indent=1))
     print(json.dumps(rows, indent=1))
 

@@ -776,3 +776,32 @@ def test_statistics_and_groups(zoo, capsys):
         np.testing.assert_array_equal(merged[name], np.asarray(ref[name]), err_msg=name)
     entries = json.loads(report.read_text())["tensors"]
     assert entries["model.layers.0.mlp.up_proj.bias"]["group"] == "mlp"
+
+
+def test_compile_cache_stores_programs_and_reuses_them(zoo):
+    """By default the CLI keeps compiled XLA programs (here in --compile-cache DIR); a second
+    merge loads them and gives the same bytes; --no-compile-cache stores nothing."""
+    cfg = write_config(
+        zoo["tmp"],
+        {"merge_method": "karcher", "models": models_entry(zoo["paths"], base=False)},
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MM_COMPILE_CACHE"}
+    env["JAX_PLATFORMS"] = "cpu"
+
+    def merge_into(out, *flags):
+        proc = subprocess.run(
+            [sys.executable, "-m", "manifold_merge", "merge", cfg, str(out), "--no-progress",
+             *flags],
+            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return (out / "model.safetensors").read_bytes()
+
+    cache = zoo["tmp"] / "xla"
+    first = merge_into(zoo["tmp"] / "a", "--compile-cache", str(cache))
+    stored = sorted(p.name for p in cache.iterdir())
+    assert stored, "no compiled program was stored"
+    assert merge_into(zoo["tmp"] / "b", "--compile-cache", str(cache)) == first
+    env["MM_CACHE_DIR"] = str(zoo["tmp"] / "mm")  # where the default cache would go
+    assert merge_into(zoo["tmp"] / "c", "--no-compile-cache") == first
+    assert not (zoo["tmp"] / "mm").exists()

@@ -557,10 +557,13 @@ def _merge_group(spec, group, members, use_base, w, merged_params, key, out, rep
 
 
 def _host_or_device(x):
-    """A leaf as an array without copying it: JAX arrays stay on their device; anything else
-    becomes a NumPy array, which the compiled leaf kernel reads in place (on the CPU, without
-    a device copy -- memory-mapped checkpoint tensors are never duplicated). Non-float leaves
-    stay NumPy: int64 position ids must not become int32 without x64."""
+    """A leaf as an array without copying it here: JAX arrays stay on their device; anything
+    else becomes a NumPy array, handed to the compiled leaf kernel as it is. On the CPU, JAX
+    reads a NumPy array in place when its data start on a 64-byte boundary and otherwise
+    copies it once per call (tensors memory-mapped from safetensors files are 8-byte aligned,
+    so each input of a leaf is copied while that leaf is merged: O(N x largest tensor), see
+    benchmarks/RESULTS_io.md). Non-float leaves stay NumPy: int64 position ids must not become
+    int32 without x64."""
     return x if isinstance(x, jax.Array) else np.asarray(x)
 
 
