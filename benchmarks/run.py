@@ -12,7 +12,8 @@ Steps:
    ours (Gram-space and iterative), NumPy floors, mergekit, geomstats, float64 errors;
 3. ``end_to_end.py``: ``manifold-merge merge`` vs ``mergekit-pytorch`` on MiniLM-derived
    checkpoints (linear and karcher): wall time and peak RSS;
-4. ``lora_speed.py``: core-space LoRA merges vs the dense equivalent, m = n = 4096, r = 16.
+4. ``lora_speed.py``: core-space LoRA merges vs the dense equivalent, m = n = 4096, r = 16;
+5. ``io_overlap.py``: a merge from disk with and without reading ahead (``--no-prefetch``).
 
 Each part runs in its own process and writes a JSON file next to this script; the report is
 rendered from those files (``--render-only`` re-renders without measuring).
@@ -114,6 +115,7 @@ def render(py: Path, quick: bool) -> str:
     lines += _render_karcher()
     lines += _render_end_to_end()
     lines += _render_lora()
+    lines += _render_io_overlap()
     return "\n".join(lines) + "\n"
 
 
@@ -274,11 +276,32 @@ def _render_lora() -> list[str]:
     return out
 
 
+def _render_io_overlap() -> list[str]:
+    r = _load("results_io_overlap.json")
+    if r is None:
+        return []
+    med = r["median_s"]
+    return [
+        "## Reading the next tensor during the current merge",
+        "",
+        f"`io_overlap.py`: `manifold-merge merge` ({r['method']}) of 4 checkpoints of "
+        f"{r['size_mb_per_model']} MB (40 tensors each), every input file evicted from the page "
+        f"cache before each run (pages still cached afterwards: "
+        f"{r['pages_cached_after_evict_max']}), medians of {r['runs']} runs:",
+        "",
+        "| prefetch (default) | `--no-prefetch` | ratio |",
+        "|---:|---:|---:|",
+        f"| {_fmt_s(med['prefetch'])} | {_fmt_s(med['no_prefetch'])} | "
+        f"{med['prefetch'] / med['no_prefetch']:.2f} |",
+        "",
+    ]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes, 2 repeats")
     p.add_argument("--render-only", action="store_true", help="re-render RESULTS.md")
-    p.add_argument("--only", default="karcher,end_to_end,lora")
+    p.add_argument("--only", default="karcher,end_to_end,lora,io_overlap")
     a = p.parse_args()
     py = compare_python()
     if not a.render_only:
@@ -292,6 +315,9 @@ def main():
         if "lora" in parts:
             sizes = ["--m", "1024", "--n", "1024"] if a.quick else []
             part("lora_speed.py", "--repeats", reps, *sizes)
+        if "io_overlap" in parts:
+            sizes = ["--size-mb", "50"] if a.quick else []
+            part("io_overlap.py", "--repeats", reps, *sizes)
     text = render(py, a.quick)
     (HERE / "RESULTS.md").write_text(text)
     print(text)

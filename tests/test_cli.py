@@ -805,3 +805,17 @@ def test_compile_cache_stores_programs_and_reuses_them(zoo):
     env["MM_CACHE_DIR"] = str(zoo["tmp"] / "mm")  # where the default cache would go
     assert merge_into(zoo["tmp"] / "c", "--no-compile-cache") == first
     assert not (zoo["tmp"] / "mm").exists()
+
+
+def test_no_prefetch_gives_the_same_bytes(zoo, capsys):
+    """Reading the next tensor ahead (the default) changes when data are read, not what is
+    merged: the output files are identical with --no-prefetch."""
+    cfg = write_config(
+        zoo["tmp"],
+        {"merge_method": "ties", "base_model": zoo["paths"]["base"],
+         "models": models_entry(zoo["paths"]), "parameters": {"density": 0.5}},
+    )  # fmt: skip
+    a, b = zoo["tmp"] / "with", zoo["tmp"] / "without"
+    assert run(capsys, cfg, a)[0] == 0
+    assert run(capsys, cfg, b, "--no-prefetch")[0] == 0
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
