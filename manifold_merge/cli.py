@@ -448,10 +448,16 @@ def _read(reader, name: str, out_dtype: str | None) -> np.ndarray:
     than the storage dtype (bf16 in, float32 out) is the input widened here, so that the
     float32 result is not rounded to bf16 on the way."""
     arr = np.asarray(reader.get(name))
+    dtype = _read_dtype(arr, out_dtype)
+    return arr if dtype == arr.dtype else arr.astype(dtype)
+
+
+def _read_dtype(arr: np.ndarray, out_dtype: str | None):
+    """The dtype an input is read in (see :func:`_read`)."""
     if out_dtype is not None and (arr.dtype.kind == "f" or str(arr.dtype) == "bfloat16"):
         if np.dtype(_np_dtype_name(out_dtype)).itemsize > arr.dtype.itemsize:
-            arr = arr.astype(np.float32 if arr.dtype.itemsize < 4 else np.float64)
-    return arr
+            return np.dtype(np.float32 if arr.dtype.itemsize < 4 else np.float64)
+    return arr.dtype
 
 
 def _copy_exact(job: _Job, name: str, holders: list[int]) -> tuple[np.ndarray, dict]:
@@ -485,29 +491,43 @@ def _name_models(message: str, job: _Job, holders: list[int]) -> str:
     return text
 
 
-def _input_views(job: _Job, item: _Item) -> list[np.ndarray]:
-    """The memory-mapped input tensors an item will read (views: nothing is read yet)."""
-    if item.action == "copy":
-        src = job.base if item.source[0] == "base" else job.readers[item.source[1]]
-        readers = [src]
-    else:
-        readers = [job.readers[i] for i in item.holders]
-        readers += [job.base] if job.base is not None else []
-    return [np.asarray(r.get(nm)) for r in readers for nm in item.names]
+def _input_views(job: _Job, item: _Item) -> dict:
+    """The memory-mapped inputs a merge item will read, ``{(source, name): view}`` with source
+    a model index or ``"base"`` (views: nothing is read yet). Empty for copied tensors."""
+    key = item.group or item.names[0]
+    if item.action == "copy" or (item.group is None and not _is_float_tensor(job, item, key)):
+        return {}
+    views = {(i, nm): job.readers[i].get(nm) for i in item.holders for nm in item.names}
+    if job.base is not None:
+        views.update({("base", nm): job.base.get(nm) for nm in item.names})
+    return views
 
 
-def _page_in(views: list[np.ndarray]) -> None:
-    """Touch one byte per 4 KiB page of each view, so the kernel reads them from disk into
-    the page cache now (in a helper thread, while the previous item is merged) rather than
-    when the merge first touches them. Nothing is copied or kept."""
-    for v in views:
-        flat = v.reshape(-1).view(np.uint8)
-        if flat.size:
-            flat[::4096].max()
+def _stage(views: dict, out_dtype: str | None) -> dict:
+    """Read a merge item's inputs into 64-byte-aligned memory (in the prefetch thread, while
+    the previous item is merged): the disk reads overlap that merge, and JAX then reads the
+    staged arrays in place instead of copying each misaligned memory-mapped input itself."""
+    staged = {}
+    for k, view in views.items():
+        arr = np.asarray(view)
+        dtype = _read_dtype(arr, out_dtype)
+        out = _aligned_empty(arr.shape, dtype)
+        np.copyto(out, arr, casting="unsafe" if dtype != arr.dtype else "no")
+        staged[k] = out
+    return staged
 
 
-def _run_item(job: _Job, item: _Item) -> dict[str, tuple[np.ndarray, dict]]:
-    """Produce the output tensors of one item: ``{name: (array, report entry)}``."""
+def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(nbytes + align, np.uint8)
+    off = (-buf.ctypes.data) % align
+    return buf[off : off + nbytes].view(dtype).reshape(shape)
+
+
+def _run_item(job: _Job, item: _Item, staged: dict | None = None) -> dict:
+    """Produce the output tensors of one item: ``{name: (array, report entry)}``; ``staged``
+    holds its inputs already read by :func:`_stage` (else they are read here)."""
     plan = job.plan
     out_dtype = plan.output_dtype
     if item.action == "copy":
@@ -527,11 +547,18 @@ def _run_item(job: _Job, item: _Item) -> dict[str, tuple[np.ndarray, dict]]:
     key = item.group or names[0]
     if item.group is None and not _is_float_tensor(job, item, key):
         return {key: _copy_exact(job, key, holders)}
-    models = [{nm: _read(job.readers[i], nm, out_dtype) for nm in names} for i in holders]
+    staged = staged or {}
+
+    def read(src, nm):
+        if (src, nm) in staged:
+            return staged[src, nm]
+        return _read(job.base if src == "base" else job.readers[src], nm, out_dtype)
+
+    models = [{nm: read(i, nm) for nm in names} for i in holders]
     first_dtype = {nm: _np_dtype_name(job.info(holders[0], nm)[0]) for nm in names}
     base = None
     if job.base is not None:
-        base = {nm: _read(job.base, nm, out_dtype) for nm in names}
+        base = {nm: read("base", nm) for nm in names}
     weights = plan.weights_for(names[0], holders)
     for nm in names[1:]:
         if plan.weights_for(nm, holders) != weights:
@@ -668,11 +695,16 @@ def _merge_checkpoints(args, plan: MergePlan, out: Path, notes: list[str]) -> in
                     else ThreadPoolExecutor(1, thread_name_prefix="prefetch")
                 )
                 with pool as prefetch:
+                    ahead = None  # the next item's inputs, being read by the prefetch thread
                     for k, item in enumerate(job.items):
                         bar.set_postfix_str(item.group or item.names[0], refresh=False)
+                        staged = ahead.result() if ahead is not None else None
+                        ahead = None
                         if prefetch is not None and k + 1 < len(job.items):  # I/O under compute
-                            prefetch.submit(_page_in, _input_views(job, job.items[k + 1]))
-                        produced = _run_item(job, item)
+                            views = _input_views(job, job.items[k + 1])
+                            ahead = prefetch.submit(_stage, views, plan.output_dtype)
+                        produced = _run_item(job, item, staged)
+                        del staged
                         for nm, (arr, entry) in produced.items():
                             writer.add(nm, arr)
                             entry["dtype"] = str(arr.dtype)
@@ -885,7 +917,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help=(
             "read each tensor only when it is merged (default: the next tensor's inputs are "
-            "read from disk while the current one is merged)"
+            "read into aligned memory by a helper thread while the current one is merged)"
         ),
     )
     m.add_argument(

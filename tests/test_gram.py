@@ -56,8 +56,7 @@ def test_span_gram_keeps_tiny_differences(rng, small_blocks):
     assert abs(d2 - ref) < 1e-6 * ref
 
 
-@pytest.mark.parametrize("n", [1, 2, 5, 12])
-@pytest.mark.parametrize("spread", [1e-3, 0.3, 1.2])
+@pytest.mark.parametrize(("n", "spread"), [(1, 0.3), (2, 1.2), (5, 1e-3), (5, 0.3), (12, 1.2)])
 def test_sphere_matches_float64_reference(rng, small_blocks, n, spread):
     dim = 20_000
     pts = random_cluster(rng, n, dim, spread).astype(np.float32)
