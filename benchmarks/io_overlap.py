@@ -77,6 +77,7 @@ def main():
         "size_mb_per_model": a.size_mb,
         "method": a.method,
         "median_s": {k: float(np.median(v)) for k, v in times.items()},
+        "times_s": times,
         "runs": a.repeats,
         "pages_cached_after_evict_max": max(cached_pages),
     }

@@ -294,6 +294,15 @@ def _render_io_overlap() -> list[str]:
         f"| {_fmt_s(med['prefetch'])} | {_fmt_s(med['no_prefetch'])} | "
         f"{med['prefetch'] / med['no_prefetch']:.2f} |",
         "",
+        *(
+            [
+                f"Single runs ranged {min(min(v) for v in r['times_s'].values()):.2f}–"
+                f"{max(max(v) for v in r['times_s'].values()):.2f} s.",
+                "",
+            ]
+            if "times_s" in r
+            else []
+        ),
     ]
 
 
