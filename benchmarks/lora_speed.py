@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import karcher_speed  # noqa: E402
 
 
 def make_adapters(n: int, m: int, k: int, r: int, seed: int = 0):
@@ -73,13 +74,8 @@ def rel_diff(f1, f2) -> float:
 
 
 def timed(fn, repeats):
-    out = fn()  # warm-up: compilation
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return times, out
+    fn()  # warm-up: compilation
+    return karcher_speed.timed(fn, repeats)
 
 
 def run(ns, m: int, k: int, r: int, repeats: int) -> list:

@@ -119,26 +119,38 @@ def render(py: Path, quick: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _table(columns: list[str], align: str, cells: list[list]) -> list[str]:
+    """Markdown table lines; ``align`` has one letter per column, l(eft) or r(ight)."""
+    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+    body = ["| " + " | ".join(map(str, c)) + " |" for c in cells]
+    return ["| " + " | ".join(columns) + " |", rule, *body]
+
+
 def _load(name):
     path = HERE / name
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _render_karcher() -> list[str]:
-    rows = _load("results_karcher.json")
+def _section(name: str, title: str, intro: str = "") -> tuple[object, list[str]]:
+    """The results in ``name`` (None if not measured) and the section's opening lines."""
+    rows = _load(name)
+    head = [f"## {title}", ""]
     if rows is None:
-        return ["## Karcher means", "", "(not measured)", ""]
-    out = ["## Karcher means of N blocks of D float32", ""]
-    out += [
+        return None, [*head, "(not measured)", ""]
+    return rows, [*head, *([intro, ""] if intro else [])]
+
+
+def _render_karcher() -> list[str]:
+    rows, out = _section(
+        "results_karcher.json",
+        "Karcher means of N blocks of D float32",
         "Error: angle to the float64 reference direction (rad) / relative norm error. "
         "`w @ X` is NumPy's BLAS pass over the stacked (N, D) array, the one-pass floor; "
         "the loop is `S += w_i X_i` over the tensors.",
-        "",
-    ]
-    out += [
-        "| N | D | implementation | median | vs floor | steps | angle error | norm error | note |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---|",
-    ]
+    )
+    if rows is None:
+        return out
+    cells = []
     floors = {(r["N"], r["D"]): r["median_s"] for r in rows if r["impl"] == "numpy_w@X"}
     for r in rows:
         floor = floors.get((r["N"], r["D"]))
@@ -151,11 +163,15 @@ def _render_karcher() -> list[str]:
             note = (note + f"; v{r['version']}").lstrip("; ")
         if r.get("converged") is False:
             note += "; not converged"
-        out.append(
-            f"| {r['N']} | {r['D']:.1e} | {r['impl']} | {_fmt_s(med)} | {ratio} | "
-            f"{r.get('steps', '—')} | {_fmt_e(r.get('angle_err'))} | "
-            f"{_fmt_e(r.get('norm_err'))} | {note} |"
-        )
+        cells.append([r["N"], f"{r['D']:.1e}", r["impl"], _fmt_s(med), ratio,
+                      r.get("steps", "—"), _fmt_e(r.get("angle_err")),
+                      _fmt_e(r.get("norm_err")), note])  # fmt: skip
+    out += _table(
+        ["N", "D", "implementation", "median", "vs floor", "steps", "angle error",
+         "norm error", "note"],
+        "rrlrrrrrl",
+        cells,
+    )  # fmt: skip
     out += [""]
     big = [
         r
@@ -200,27 +216,24 @@ def _render_karcher() -> list[str]:
 
 
 def _render_end_to_end() -> list[str]:
-    rows = _load("results_end_to_end.json")
-    if rows is None:
-        return ["## End to end", "", "(not measured)", ""]
-    out = ["## End to end: `manifold-merge merge` vs `mergekit-pytorch`", ""]
-    out += [
+    rows, out = _section(
+        "results_end_to_end.json",
+        "End to end: `manifold-merge merge` vs `mergekit-pytorch`",
         "MiniLM-derived checkpoints (4 experts, float32 output). Each run is a fresh process; "
         "ours keeps its persistent XLA cache, so its first run compiles and the later runs "
         "load the compiled programs.",
-        "",
-    ]
-    out += [
-        "| method | tool | first run | median of later runs | peak RSS (median) | "
-        "max rel. difference to the other tool |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        out.append(
-            f"| {r['method']} | {r['tool']} | {_fmt_s(r['first_wall_s'])} | "
-            f"{_fmt_s(r['median_wall_s'])} ({r['runs']} runs) | "
-            f"{r['median_peak_rss_mb']:.0f} MB | {r['max_rel_diff_vs_other']:.1e} |"
-        )
+    )
+    if rows is None:
+        return out
+    out += _table(
+        ["method", "tool", "first run", "median of later runs", "peak RSS (median)",
+         "max rel. difference to the other tool"],
+        "llrrrr",
+        [[r["method"], r["tool"], _fmt_s(r["first_wall_s"]),
+          f"{_fmt_s(r['median_wall_s'])} ({r['runs']} runs)",
+          f"{r['median_peak_rss_mb']:.0f} MB", f"{r['max_rel_diff_vs_other']:.1e}"]
+         for r in rows],
+    )  # fmt: skip
     out.append("")
     for method in dict.fromkeys(r["method"] for r in rows):
         by = {r["tool"]: r for r in rows if r["method"] == method}
@@ -248,21 +261,17 @@ def _render_end_to_end() -> list[str]:
 
 
 def _render_lora() -> list[str]:
-    rows = _load("results_lora.json")
+    rows, out = _section("results_lora.json", "LoRA: core space vs the dense equivalent")
     if rows is None:
-        return ["## LoRA", "", "(not measured)", ""]
-    out = ["## LoRA: core space vs the dense equivalent", ""]
-    out += [
-        "| method | N | m × n, r | output rank | ours (core space) | dense (sum + SVD) | "
-        "speed-up | rel. difference |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        out.append(
-            f"| {r['method']} | {r['N']} | {r['m']} × {r['n']}, {r['r']} | {r['out_rank']} | "
-            f"{_fmt_s(r['ours_median_s'])} | {_fmt_s(r['dense_median_s'])} | "
-            f"{r['speedup']:.0f}× | {r['rel_diff']:.1e} |"
-        )
+        return out
+    out += _table(
+        ["method", "N", "m × n, r", "output rank", "ours (core space)", "dense (sum + SVD)",
+         "speed-up", "rel. difference"],
+        "lrlrrrrr",
+        [[r["method"], r["N"], f"{r['m']} × {r['n']}, {r['r']}", r["out_rank"],
+          _fmt_s(r["ours_median_s"]), _fmt_s(r["dense_median_s"]), f"{r['speedup']:.0f}×",
+          f"{r['rel_diff']:.1e}"] for r in rows],
+    )  # fmt: skip
     at8 = [r for r in rows if r["N"] == 8]
     if at8:
         worst = min(r["speedup"] for r in at8)
