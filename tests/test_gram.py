@@ -154,3 +154,14 @@ def test_refuses_other_manifolds():
         gram_karcher_mean(mm.Euclidean(3), jnp.ones((2, 3)), jnp.ones(2))
     with pytest.raises(ValueError, match="coordinates"):
         gram_karcher_mean(mm.Sphere(3), jnp.ones((2, 3)), jnp.ones(2))
+
+
+def test_zero_vector_with_weight_is_not_converged(rng):
+    """NormSphere reads a point as direction x norm: a zero vector of positive weight has no
+    direction, so the mean is not certified (karcher leaves such vectors out beforehand)."""
+    pts = np.concatenate([random_cluster(rng, 2, 300, 0.3), np.zeros((1, 300))])
+    res = gram_karcher_mean(mm.NormSphere(300), jnp.asarray(pts, jnp.float32), jnp.ones(3) / 3)
+    assert not bool(res.converged)
+    res = gram_karcher_mean(mm.NormSphere(300), jnp.asarray(pts, jnp.float32),
+                            jnp.array([0.5, 0.5, 0.0]))  # fmt: skip
+    assert bool(res.converged)

@@ -166,7 +166,7 @@ def _spherical_proxy(
 
 @register(
     "fisher_rao_karcher",
-    defaults={**KARCHER_DEFAULTS, "fisher_floor": 1e-6},
+    defaults={**KARCHER_DEFAULTS, "step_size": 0.5, "fisher_floor": 1e-6},
     stats=("fishers",),
     required_stats=("fishers",),
 )
@@ -178,7 +178,7 @@ def fisher_rao_karcher(
     fishers=None,
     max_iter=100,
     tol=1e-7,
-    step_size=1.0,
+    step_size=0.5,
     norm_mean="arithmetic",
     fisher_floor=1e-6,
     **kw,
@@ -190,6 +190,10 @@ def fisher_rao_karcher(
     is confident about pull harder; the norm is the weighted mean of the ||W_i|| (``norm_mean``)
     as in ``karcher``. Equal (constant) Fishers give ``karcher``. Pass ``fishers=[pytree, ...]``
     shaped like the models. Always the iterative solver (the metric leaves the inputs' span).
+    The step is damped by default (``step_size=0.5``): with concentrated Fishers each block of
+    coordinates moves all the way to its confident expert at once, and the undamped iteration
+    oscillates (measured: 3 of 8 random cases not converged in 300 steps at 1.0; all 8 in
+    17-21 steps at 0.5).
     """
     del key
     metric = jnp.maximum(fishers, fisher_floor)
