@@ -34,24 +34,16 @@ from pathlib import Path
 
 import numpy as np
 
+from manifold_merge.io.safetensors import aligned_empty
+
 HERE = Path(__file__).resolve().parent
 SPREAD = 0.3  # deviation scale of the experts from the shared vector (angles ~ 0.4 rad)
-
-
-def aligned_empty(shape, dtype=np.float32, align: int = 64) -> np.ndarray:
-    """An uninitialised array whose data start on an ``align``-byte boundary. JAX on the CPU
-    reads such NumPy arrays in place; others are copied on every call (0.3 s for 512 MB on
-    the 2-core machines), as with arrays from memory-mapped safetensors files."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    buf = np.empty(nbytes + align, np.uint8)
-    off = (-buf.ctypes.data) % align
-    return buf[off : off + nbytes].view(dtype).reshape(shape)
 
 
 def make_inputs(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     shared = rng.standard_normal(d, dtype=np.float32)
-    x = aligned_empty((n, d))
+    x = aligned_empty((n, d), np.float32)  # read in place by JAX, as the CLI stages inputs
     for i in range(n):
         x[i] = shared + SPREAD * rng.standard_normal(d, dtype=np.float32)
         x[i] *= np.float32(rng.uniform(0.8, 1.25))

@@ -15,30 +15,37 @@ def get_config(arg: str = ""):
     c.methods = ("linear", "task_arithmetic(lambda=0.5)", "karcher")
     where = {"method": ["expert", "linear", "task_arithmetic(lambda=0.5)", "karcher"]}
     c.tables = [
-        {
-            "name": "FigA_variance",
-            "title": "Figure A: activation variance per layer (linear vs karcher vs experts)",
-            "rows": ["method", "layer"],
-            "columns": "num_experts",
-            "value": "activation_variance",
-            "where": where,
-            "format": ".4f",
-            "figure": {"kind": "line", "x": "layer", "y": "activation_variance",
-                       "hue": "method", "facet": "num_experts"},
-        },
-        {
-            "name": "FigA_rank",
-            "title": "Figure A: effective rank of the activation covariance per layer",
-            "rows": ["method", "layer"],
-            "columns": "num_experts",
-            "value": "effective_rank",
-            "where": where,
-            "format": ".1f",
-            "figure": {"kind": "line", "x": "layer", "y": "effective_rank",
-                       "hue": "method", "facet": "num_experts"},
-        },
-    ]  # fmt: skip
+        _per_layer(
+            "FigA_variance",
+            "Figure A: activation variance per layer (linear vs karcher vs experts)",
+            "activation_variance",
+            ".4f",
+            where,
+        ),
+        _per_layer(
+            "FigA_rank",
+            "Figure A: effective rank of the activation covariance per layer",
+            "effective_rank",
+            ".1f",
+            where,
+        ),
+    ]
     return c
+
+
+def _per_layer(name: str, title: str, value: str, fmt: str, where: dict) -> dict:
+    """A table of ``value`` by (method, layer) x N, drawn as lines over the layers."""
+    return {
+        "name": name,
+        "title": title,
+        "rows": ["method", "layer"],
+        "columns": "num_experts",
+        "value": value,
+        "where": where,
+        "format": fmt,
+        "figure": {"kind": "line", "x": "layer", "y": value, "hue": "method",
+                   "facet": "num_experts"},
+    }  # fmt: skip
 
 
 get_sweep = a1_vision.get_sweep

@@ -54,7 +54,14 @@ from manifold_merge.compilation import enable_compilation_cache
 from manifold_merge.io.hf import CheckpointWriter, copy_aux_files, open_checkpoint, parse_size
 from manifold_merge.io.hf import to_dtype as _to_dtype
 from manifold_merge.io.merge_config import ConfigError, MergePlan, load_merge_config
-from manifold_merge.io.safetensors import DTYPES, _umask, atomic_write, dtype_name, replace_folder
+from manifold_merge.io.safetensors import (
+    DTYPES,
+    _umask,
+    aligned_empty,
+    atomic_write,
+    dtype_name,
+    replace_folder,
+)
 from manifold_merge.merging import merge, resolve_param
 
 PROG = "manifold-merge"
@@ -511,18 +518,10 @@ def _stage(views: dict, out_dtype: str | None) -> dict:
     for k, view in views.items():
         arr = np.asarray(view)
         dtype = _read_dtype(arr, out_dtype)
-        out = _aligned_empty(arr.shape, dtype)
+        out = aligned_empty(arr.shape, dtype)
         np.copyto(out, arr, casting="unsafe" if dtype != arr.dtype else "no")
         staged[k] = out
     return staged
-
-
-def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buf = np.empty(nbytes + align, np.uint8)
-    off = (-buf.ctypes.data) % align
-    return buf[off : off + nbytes].view(dtype).reshape(shape)
 
 
 def _run_item(job: _Job, item: _Item, staged: dict | None = None) -> dict:

@@ -929,3 +929,15 @@ def test_merge_peft_folders_with_quotient_methods(tmp_path, rng):
     for name in ATTN + [EMBED]:
         err = np.linalg.norm(d1[name] - d0[name]) / np.linalg.norm(d0[name])
         assert err < 1e-4, (name, err)
+
+
+def test_aligned_empty_starts_on_the_boundary():
+    from manifold_merge.io.safetensors import aligned_empty
+
+    for shape, dtype in [((3, 5), np.float32), ((7,), np.float64), ((1000, 3), np.float16)]:
+        a = aligned_empty(shape, dtype)
+        assert a.shape == shape and a.dtype == dtype
+        assert a.ctypes.data % 64 == 0
+        a[...] = 1  # writable, and its own memory
+        assert a.flags.writeable
+    assert aligned_empty((0, 4), np.float32).shape == (0, 4)  # no data: nothing to align

@@ -299,6 +299,17 @@ def _is_count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised array whose data start on an ``align``-byte boundary. On the CPU, JAX
+    reads such NumPy arrays in place; others (safetensors' memory maps are 8-byte aligned) it
+    copies on every call."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(nbytes + align, np.uint8)
+    off = (-buf.ctypes.data) % align
+    return buf[off : off + nbytes].view(dtype).reshape(shape)
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file, copied into ordinary (writable) NumPy arrays.
 
