@@ -174,8 +174,13 @@ class NormSphere(AbstractManifold):
         norms = jax.vmap(safe_norm)(points)
         units = points * safe_div(1.0, norms, 0.0).reshape((-1,) + (1,) * (points.ndim - 1))
         direction = self.directions.init_mean(units, w)
+        return self.mean_of_norms(norms, w) * direction
+
+    def mean_of_norms(self, norms, weights):
+        """The Karcher mean of the norm factor, in closed form: sum_i w_i r_i, or with
+        ``"geometric"`` exp(sum_i w_i log r_i) (weights normalised by the caller; zero weights
+        ignored, so their norms may be 0). With the sphere mean of the directions it gives the
+        whole Karcher mean, the metric being a product."""
         if self._geometric:
-            norm = jnp.exp(jnp.sum(w * jnp.log(jnp.where(w > 0, norms, 1.0))))
-        else:
-            norm = jnp.sum(w * norms)
-        return norm * direction
+            return jnp.exp(jnp.sum(weights * jnp.log(jnp.where(weights > 0, norms, 1.0))))
+        return jnp.sum(weights * norms)

@@ -149,11 +149,7 @@ def _spherical_proxy(
             metric_weights=metric,
             algorithm="iterative",
         )
-        wn = w / jnp.sum(w)
-        if norm_mean == "geometric":
-            norm = jnp.exp(jnp.sum(wn * jnp.log(jnp.where(wn > 0, norms, 1.0))))
-        else:
-            norm = jnp.sum(wn * norms)
+        norm = NormSphere(vecs.shape[1], norm_mean).mean_of_norms(norms, w / jnp.sum(w))
         mean = norm * res.mean
     mean = jnp.where(empty, 0.0, mean)
     info = {

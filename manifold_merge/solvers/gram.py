@@ -200,12 +200,7 @@ def gram_karcher_mean(
             Sphere(y.shape[1] - 1, radius=radius), units, w, None, None, reduced_solver
         )
         if isinstance(manifold, NormSphere):
-            if manifold.norm_mean == "geometric":
-                scale = jnp.exp(
-                    jnp.sum(jnp.where(w > 0, w * jnp.log(jnp.where(w > 0, norms, 1.0)), 0.0))
-                )
-            else:
-                scale = jnp.sum(w * norms)
+            scale = manifold.mean_of_norms(norms, w)
             # as NormSphere certifies: a zero vector of positive weight has no direction
             ok = jnp.all((norms > 0) | (w == 0))
             res = res._replace(mean=scale * res.mean, converged=res.converged & ok)
