@@ -40,6 +40,7 @@ from manifold_merge.manifolds.approx import (
     get_approx,
 )
 from manifold_merge.manifolds.base import AbstractManifold, static_dataclass, upcast
+from manifold_merge.sharding import over_parameter_axis
 
 METRICS = ("scaled", "induced", "embedded")
 #: Iterations of the (scaled) Denman-Beavers square root: quadratic convergence, r x r matrices.
@@ -100,7 +101,8 @@ def core_space(factors: list[LoraFactors]) -> CoreSpace:
     Every Delta W_i = U_B (R_B E_i R_A^T) U_A^T with E_i selecting block i, so all adapters are
     exact R x R cores in shared bases. The bases depend on the representatives only through an
     orthogonal change of core coordinates, to which every method built on them is equivariant.
-    Cost O((m + n) R^2).
+    Cost O((m + n) R^2). When m and n are split over devices (``merge(..., mesh=...)``), the
+    QRs are TSQRs (:func:`tall_qr`) and only R x R matrices are replicated.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -115,14 +117,42 @@ def core_space(factors: list[LoraFactors]) -> CoreSpace:
     ranks = [f.b.shape[1] for f in factors]
     b_cat = jnp.concatenate([f.b for f in factors], axis=1)
     a_cat = jnp.concatenate([f.a for f in factors], axis=0)
-    u_b, r_b = jnp.linalg.qr(b_cat)
-    u_a, r_a = jnp.linalg.qr(a_cat.T)
+    u_b, r_b = tall_qr(b_cat)
+    u_a, r_a = tall_qr(a_cat.T)
     edges = [0]
     for r in ranks:
         edges.append(edges[-1] + r)
     core_b = [r_b[:, lo:hi] for lo, hi in zip(edges[:-1], edges[1:])]
     core_a = [r_a[:, lo:hi].T for lo, hi in zip(edges[:-1], edges[1:])]
     return CoreSpace(u_b, u_a, core_b, core_a)
+
+
+def tall_qr(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Reduced QR x = Q R of a tall (rows, R) matrix, made unique by a non-negative diagonal
+    of R (so the result does not depend on how it was computed).
+
+    When the rows are split over devices (:mod:`manifold_merge.sharding`; a LoRA merge kernel
+    says so while it traces), it is a TSQR: each device factors its own rows, one small QR of the
+    stacked (devices x R, R) R factors combines them, and each device keeps its rows of Q.
+    That needs at least R rows per device.
+    """
+    # r is computed identically on every device from the gathered R factors
+    q_t, r = over_parameter_axis(
+        _tsqr, x.T, replicated=(False, True), kind="lora", check_replication=False
+    )
+    return q_t.T, r
+
+
+def _tsqr(axis, x_t):
+    """QR of x = x_t^T, of this device's rows combined over ``axis`` (see :func:`tall_qr`)."""
+    q, r = jnp.linalg.qr(x_t.T)
+    if axis is not None:
+        k = r.shape[0]
+        stacked = jax.lax.all_gather(r, axis).reshape(-1, r.shape[1])
+        q2, r = jnp.linalg.qr(stacked)
+        q = q @ jax.lax.dynamic_slice_in_dim(q2, jax.lax.axis_index(axis) * k, k, axis=0)
+    sign = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(r.dtype)
+    return (q * sign).T, r * sign[:, None]
 
 
 def balanced_factors(u: jax.Array, s: jax.Array, vt: jax.Array, rank: int) -> LoraFactors:

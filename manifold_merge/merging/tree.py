@@ -11,9 +11,18 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from manifold_merge.manifolds.lora import LoraFactors, core_space
 from manifold_merge.merging.registry import REQUIRED, get_method
+from manifold_merge.sharding import (
+    PARAM_AXIS,
+    leaf_spec,
+    make_mesh,
+    mesh_size,
+    place,
+    split_parameter_axis,
+)
 
 GRANULARITIES = ("tensor", "row", "column")
 #: Parameters every method accepts, handled here rather than by the block functions.
@@ -199,16 +208,23 @@ def _spread(vectors: jax.Array) -> float:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("block_fn", "granularity", "params", "dtype", "out_dtype", "whole_stats"),
+    static_argnames=(
+        "block_fn", "granularity", "params", "dtype", "out_dtype", "whole_stats", "mesh"
+    ),
 )
 def _leaf_kernel(
-    block_fn, granularity, params, dtype, out_dtype, whole_stats, xs, b, w, key, stats
+    block_fn, granularity, params, dtype, out_dtype, whole_stats, mesh, xs, b, w, key, stats
 ):
     """One leaf, start to finish, as a single compiled computation: promote, check finiteness,
     split into blocks, run the method on every block (vmapped), reassemble and compute the
     report's figures. Compiled once per (method, parameters, shapes, dtypes) and reused by
     every leaf of that shape; XLA fuses the elementwise work, so the only full-size buffers are
     the stacked inputs, the method's own temporaries and the result.
+
+    With a ``mesh`` the inputs are global arrays split along their leading axis
+    (:func:`~manifold_merge.sharding.leaf_spec`); XLA partitions the computation, the block
+    functions are told when their parameter axis is split (the Gram solver and TIES then use
+    explicit collectives), and the result keeps the inputs' layout.
 
     Returns ``(merged, info, checks)``; ``checks`` holds the finiteness flags that the caller
     turns into errors (the result is discarded then) and the norm / angle figures.
@@ -232,10 +248,18 @@ def _leaf_kernel(
             stat_blocks[sname] = st[None]
         else:
             stat_blocks[sname] = _blocks(st, granularity)
-    merged_blocks, info = _run_blocks(
-        block_fn, blocks, base_blocks, w.astype(dtype), keys, stat_blocks, params
-    )
+    spec = None if mesh is None else leaf_spec(shape, mesh)
+    # Row blocks of a matrix split along axis 0 are whole on their device; otherwise a split
+    # leading axis splits each block's parameter axis.
+    split = spec is not None and spec != PartitionSpec()
+    split = split and (granularity != "row" or len(shape) < 2)
+    with split_parameter_axis(mesh if split else None, "block", (blocks.shape[-1],)):
+        merged_blocks, info = _run_blocks(
+            block_fn, blocks, base_blocks, w.astype(dtype), keys, stat_blocks, params
+        )
     merged = _unblocks(merged_blocks, shape, granularity)
+    if spec is not None:
+        merged = jax.lax.with_sharding_constraint(merged, NamedSharding(mesh, spec))
     averaged, result = xs, merged
     if b is not None:  # the report is about what was averaged: the task vectors
         averaged, result = [x - b for x in xs], merged - b
@@ -247,7 +271,7 @@ def _leaf_kernel(
     return merged, info, checks
 
 
-def merge(method: str, models, *, base=None, weights=None, **params) -> MergeResult:
+def merge(method: str, models, *, base=None, weights=None, mesh=None, **params) -> MergeResult:
     """Merge the pytrees ``models`` with the registered ``method``, leaf by leaf.
 
     Args:
@@ -264,6 +288,12 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
             block), ``groups`` ({name: filters}: the matching leaves form one block, flattened
             and concatenated, e.g. ``{"attn": "re:attention/(query|key|value)"}``; reported
             per leaf and as ``"group:<name>"``) and ``seed`` (for random methods such as DARE).
+        mesh: shard the merge over devices (:mod:`manifold_merge.sharding`): a device count,
+            or a ``jax.sharding.Mesh`` with an axis ``"params"``. Each floating-point leaf is
+            split along its leading axis when that divides by the number of devices (else
+            replicated), computed in place on the devices (reductions become collective sums)
+            and returned as a global ``jax.Array`` split the same way; LoRA factors are split
+            along m (``b``) and n (``a``). Results equal the unsharded merge to rounding.
 
     Leaves that are not floating point (integer buffers, position ids, masks) are copied from
     the base, or from the first model, and must be equal across models. Floating-point leaves
@@ -334,6 +364,7 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
             raise ValueError("the base model has a different tree structure from the models")
         base_leaves = jax.tree.leaves(base)
 
+    mesh = None if mesh is None else make_mesh(mesh)
     key = jax.random.key(int(merged_params["seed"]))
     groups = _check_groups(merged_params.pop("groups"))
     out, report = [None] * len(flat0), {}
@@ -342,7 +373,13 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
         name = leaf_name(path) or "adapter"
         if any(_is_lora(lv[j]) for lv in leaves):
             out[j], report[name] = _merge_lora_leaf(
-                spec, name, [lv[j] for lv in leaves], w, merged_params, jax.random.fold_in(key, j)
+                spec,
+                name,
+                [lv[j] for lv in leaves],
+                w,
+                merged_params,
+                jax.random.fold_in(key, j),
+                mesh,
             )
             continue
         # Non-float leaves stay NumPy (int64 position ids must not become int32 without x64).
@@ -370,6 +407,7 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
                 {"granularity": "tensor", "seed": 0, "normalize": True},
                 jax.random.fold_in(key, j),
                 {},
+                mesh,
             )
             out[j], report[name] = merged, rep
             continue
@@ -410,6 +448,7 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
             leaf_params,
             jax.random.fold_in(key, j),
             leaf_stats,
+            mesh,
         )
         out[j] = merged
         report[name] = rep
@@ -424,6 +463,7 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
             jax.random.fold_in(key, len(flat0) + sorted(grouped).index(group)),
             out,
             report,
+            mesh,
         )
     failed = [k for k, r in report.items() if not r.converged]
     if failed:
@@ -436,12 +476,27 @@ def merge(method: str, models, *, base=None, weights=None, **params) -> MergeRes
     return MergeResult(jax.tree.unflatten(treedef, out), report)
 
 
-@functools.partial(jax.jit, static_argnames=("block_fn", "params"))
-def _run_lora(block_fn, factors, weights, key, params):
-    return block_fn(factors, weights, key, **dict(params))
+@functools.partial(jax.jit, static_argnames=("block_fn", "params", "mesh"))
+def _run_lora(block_fn, factors, weights, key, params, mesh):
+    """A LoRA method on one module; with a ``mesh``, the factors' m and n axes are split over
+    it (b along m, a along n) and so is the result."""
+    lengths = (factors[0].b.shape[0], factors[0].a.shape[1])
+    with split_parameter_axis(mesh, "lora", lengths):
+        merged, info = block_fn(factors, weights, key, **dict(params))
+    if mesh is not None and merged.b.ndim == 2:
+        merged = LoraFactors(
+            jax.lax.with_sharding_constraint(merged.b, NamedSharding(mesh, _LORA_B)),
+            jax.lax.with_sharding_constraint(merged.a, NamedSharding(mesh, _LORA_A)),
+        )
+    return merged, info
 
 
-def _merge_lora_leaf(spec, name, fs, w, merged_params, key):
+#: Layouts of LoRA factors on a mesh: b (m, r) split along m, a (r, n) along n.
+_LORA_B = PartitionSpec(PARAM_AXIS, None)
+_LORA_A = PartitionSpec(None, PARAM_AXIS)
+
+
+def _merge_lora_leaf(spec, name, fs, w, merged_params, key, mesh=None):
     """Merge one module's adapters (a list of LoraFactors) with a LoRA method."""
     if not spec.lora:
         raise ValueError(
@@ -484,8 +539,14 @@ def _merge_lora_leaf(spec, name, fs, w, merged_params, key):
     for i, f in enumerate(fs):
         if not bool(jnp.all(jnp.isfinite(f.b)) & jnp.all(jnp.isfinite(f.a))):
             raise ValueError(f"tensor {name!r}: adapter {i} has NaN or Inf values")
+    split = None
+    if mesh is not None:  # the TSQR of the core space needs >= R rows per device
+        size, total_rank = mesh_size(mesh), sum(int(f.b.shape[1]) for f in fs)
+        if m % size == 0 and n % size == 0 and min(m, n) // size >= total_rank:
+            split = mesh
+            fs = [LoraFactors(place(f.b, mesh, _LORA_B), place(f.a, mesh, _LORA_A)) for f in fs]
     merged, info = _run_lora(
-        spec.block_fn, fs, jnp.asarray(w, dtype), key, tuple(sorted(params.items()))
+        spec.block_fn, fs, jnp.asarray(w, dtype), key, tuple(sorted(params.items())), split
     )
     # Report figures from the cores (Frobenius products of the updates, never m x n).
     cores = jnp.stack([c.reshape(-1) for c in core_space(fs).cores()])
@@ -529,7 +590,7 @@ def _check_groups(groups):
     return {g: [f] if isinstance(f, str) else list(f) for g, f in groups.items()}
 
 
-def _merge_group(spec, group, members, use_base, w, merged_params, key, out, report):
+def _merge_group(spec, group, members, use_base, w, merged_params, key, out, report, mesh):
     """Merge the leaves of one named group as a single block (flattened and concatenated)."""
     gname = f"group:{group}"
     n = len(members[0][2])
@@ -546,7 +607,7 @@ def _merge_group(spec, group, members, use_base, w, merged_params, key, out, rep
     params = {k: resolve_param(v, gname, k) for k, v in merged_params.items()}
     if params["granularity"] != "tensor":
         raise ValueError(f"{gname}: a group is one block; it needs granularity='tensor'")
-    merged, rep = _merge_leaf(spec, gname, xs, b, w, params, key, stats)
+    merged, rep = _merge_leaf(spec, gname, xs, b, w, params, key, stats, mesh)
     offset = 0
     for j, name, mxs, _, _ in members:
         size = mxs[0].size
@@ -578,7 +639,7 @@ def _copy_leaf(name, xs, b):
     return ref
 
 
-def _merge_leaf(spec, name, xs, b, w, leaf_params, key, leaf_stats):
+def _merge_leaf(spec, name, xs, b, w, leaf_params, key, leaf_stats, mesh=None):
     granularity = leaf_params.pop("granularity")
     leaf_params.pop("seed")
     if granularity not in GRANULARITIES:
@@ -600,6 +661,14 @@ def _merge_leaf(spec, name, xs, b, w, leaf_params, key, leaf_stats):
                 f"tensor {name!r}: {sname} of shape {tuple(arrs[0].shape)} needs "
                 "granularity='tensor'"
             )
+    if mesh is not None:  # global arrays, each device holding its slice
+        layout = leaf_spec(shape, mesh)
+        xs = [place(x, mesh, layout) for x in xs]
+        b = None if b is None else place(b, mesh, layout)
+        leaf_stats = {
+            sname: [place(a, mesh, PartitionSpec() if whole_stats else layout) for a in arrs]
+            for sname, arrs in leaf_stats.items()
+        }
     merged, info, checks = _leaf_kernel(
         spec.block_fn,
         granularity,
@@ -607,6 +676,7 @@ def _merge_leaf(spec, name, xs, b, w, leaf_params, key, leaf_stats):
         jnp.dtype(dtype),
         jnp.dtype(xs[0].dtype),
         whole_stats,
+        mesh,
         tuple(xs),
         b,
         jnp.asarray(w),

@@ -23,12 +23,15 @@ entries are each accurate relative to their own size; G follows exactly.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from manifold_merge.manifolds.base import compute_dtype, first_argmax
 from manifold_merge.manifolds.norm_sphere import NormSphere
 from manifold_merge.manifolds.sphere import Sphere
+from manifold_merge.sharding import over_parameter_axis, psum
 from manifold_merge.solvers.karcher import (
     KarcherResult,
     KarcherSolver,
@@ -64,8 +67,24 @@ def span_gram(points: jax.Array, ref: jax.Array | int | None = None) -> jax.Arra
     Gram of Z = [p_ref; p_j - p_ref] and mapped back (p_j = z_j + z_ref), so that the small
     differences between close inputs keep their relative precision; that costs about 3x the
     plain pass (the differences are formed block by block). Must be called with JAX's x64 mode
-    on (as :func:`gram_karcher_mean` does).
+    on (as :func:`gram_karcher_mean` does). When the parameter axis is split over devices
+    (:mod:`manifold_merge.sharding`), each device sums its own columns and a ``psum`` adds
+    the devices' Grams.
     """
+    n = points.shape[0]
+    k = over_parameter_axis(functools.partial(_local_gram, ref=ref), points, replicated=True)
+    if ref is None:
+        return k
+    others = (jnp.arange(n) != ref)[:, None]
+    c = jnp.eye(n, dtype=jnp.float64) + others.astype(jnp.float64) * jax.nn.one_hot(
+        ref, n, dtype=jnp.float64
+    )
+    return c @ k @ c.T
+
+
+def _local_gram(axis, points, ref):
+    """The Gram of this device's columns (all columns when ``axis`` is None), summed over the
+    devices along ``axis``; with ``ref``, of the differences to the reference input."""
     n, d = points.shape
     if ref is not None:
         others = (jnp.arange(n) != ref)[:, None]
@@ -89,12 +108,7 @@ def span_gram(points: jax.Array, ref: jax.Array | int | None = None) -> jax.Arra
         k = jax.lax.fori_loop(0, num_blocks, body, k)
     if rest:
         k = k + block_gram(points[:, num_blocks * GRAM_BLOCK :])
-    if ref is None:
-        return k
-    c = jnp.eye(n, dtype=jnp.float64) + others.astype(jnp.float64) * jax.nn.one_hot(
-        ref, n, dtype=jnp.float64
-    )
-    return c @ k @ c.T
+    return psum(k, axis)
 
 
 def _smallest_angle(gram: jax.Array) -> jax.Array:
