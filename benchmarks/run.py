@@ -13,7 +13,9 @@ Steps:
 3. ``end_to_end.py``: ``manifold-merge merge`` vs ``mergekit-pytorch`` on MiniLM-derived
    checkpoints (linear and karcher): wall time and peak RSS;
 4. ``lora_speed.py``: core-space LoRA merges vs the dense equivalent, m = n = 4096, r = 16;
-5. ``io_overlap.py``: a merge from disk with and without reading ahead (``--no-prefetch``).
+5. ``io_overlap.py``: a merge from disk with and without reading ahead (``--no-prefetch``);
+6. ``sharding_speed.py``: ``merge(..., mesh=k)`` on k = 1, 2, 4, 8 simulated CPU devices
+   (one process each) next to the unsharded merge: time and max difference.
 
 Each part runs in its own process and writes a JSON file next to this script; the report is
 rendered from those files (``--render-only`` re-renders without measuring).
@@ -116,6 +118,7 @@ def render(py: Path, quick: bool) -> str:
     lines += _render_end_to_end()
     lines += _render_lora()
     lines += _render_io_overlap()
+    lines += _render_sharding()
     return "\n".join(lines) + "\n"
 
 
@@ -315,11 +318,142 @@ def _render_io_overlap() -> list[str]:
     ]
 
 
+def _render_sharding() -> list[str]:
+    res, out = _section(
+        "results_sharding.json", "Sharded merges on simulated devices (`merge(..., mesh=k)`)"
+    )
+    if res is None:
+        return out
+    s = res["setup"]
+    runs = {r["devices"]: r for r in res["runs"]}
+    ks = sorted(runs)
+    kmax = ks[-1]
+    lo = s["lora"]
+    out += [
+        f"`sharding_speed.py`: N = {s['models']} models of one {s['leaf_shape'][0]} × "
+        f"{s['leaf_shape'][1]} {s['dtype']} leaf (`ties`: density {s['ties_density']}, with a "
+        f"base; `karcher`: no base, default algorithm, i.e. the Gram-space solver at this "
+        f"size) and `lora_svd` on N = {s['models']} adapters, m = n = {lo['m']}, r = {lo['r']} "
+        f"(output rank {lo['rank']}). Each device count k runs in its own process with "
+        "`XLA_FLAGS=--xla_force_host_platform_device_count=k`; the unsharded `merge` (no "
+        "mesh) runs in the same process, alternating with the sharded one. Inputs are NumPy "
+        "arrays on the host, so both include handing them to the devices. Medians of "
+        f"{s['repeats']} runs after a warm-up (compiling) run.",
+        "",
+        f"**What this measures.** On this {s['cpu_count']}-core CPU the k simulated devices "
+        "share the same cores, so this shows that a sharded merge gives the unsharded result "
+        "and what partitioning costs; it cannot show a speed-up (that needs k real "
+        "accelerators; no GPU or TPU was available for these runs).",
+        "",
+    ]
+    methods = list(dict.fromkeys(r["method"] for k in ks for r in runs[k]["rows"]))
+    cells, failures = [], []
+    for mname in methods:
+        by = {k: next((r for r in runs[k]["rows"] if r["method"] == mname), None) for k in ks}
+        times = []
+        for k in ks:
+            r = by[k]
+            if r is None:
+                times.append("—")
+            elif "error" in r:
+                times.append("fails")
+                failures.append((mname, k, r["error"]))
+            else:
+                times.append(_fmt_s(r["sharded_median_s"]))
+        top = by[kmax]
+        ok = [r for r in by.values() if r is not None and "error" not in r]
+        if top is not None and "error" not in top:
+            base_s = _fmt_s(top["unsharded_median_s"])
+            ratio = f"{top['sharded_median_s'] / top['unsharded_median_s']:.2f}×"
+            shards = "; ".join(
+                f"{leaf} {' / '.join('×'.join(map(str, sh)) for sh in v)}"
+                for leaf, v in top["shard_shape"].items()
+            )
+        else:
+            base_s = ratio = shards = "—"
+        if ok:
+            worst = max(ok, key=lambda r: r["max_abs_diff"])
+            diff = f"{worst['max_abs_diff']:.1e} ({worst['max_rel_diff']:.1e} rel.)"
+            if worst.get("compared") == "b @ a":
+                diff += " on b a"
+        else:
+            diff = "—"
+        cells.append([f"`{mname}`", *times, base_s, ratio, diff, shards])
+    out += _table(
+        ["method", *[f"{k} device{'s' if k > 1 else ''}" for k in ks],
+         f"unsharded (in the {kmax}-device process)", f"{kmax} devices / unsharded",
+         "max abs. diff. (over all k)", f"shard per device ({kmax} devices)"],
+        "l" + "r" * (len(ks) + 3) + "l",
+        cells,
+    )  # fmt: skip
+    baselines = [
+        r["unsharded_median_s"]
+        for k in ks
+        for r in runs[k]["rows"]
+        if "error" not in r and r["method"] == "linear"
+    ]
+    loads = [v for k in ks for v in (runs[k].get("load_1min_before"), runs[k].get("load_1min_after"))
+             if v is not None]  # fmt: skip
+    out += [""]
+    out.append(
+        "Max abs. diff.: the largest |sharded − unsharded| entry over the device counts "
+        "(relative: divided by the largest |unsharded| entry); for `lora_svd` on the merged "
+        "update b a (the factors themselves are defined only up to signs), the factors' "
+        "largest difference being "
+        + ", ".join(
+            f"{r['max_abs_diff_factors']:.1e} (k = {k})"
+            for k in ks
+            for r in runs[k]["rows"]
+            if "max_abs_diff_factors" in r
+        )
+        + "."
+    )
+    if baselines and len(baselines) > 1:
+        out.append(
+            f"The unsharded `linear` baseline ranged {_fmt_s(min(baselines))}–"
+            f"{_fmt_s(max(baselines))} across the {len(baselines)} processes."
+        )
+    if loads:
+        out.append(
+            f"The machine was shared with other work during the runs: 1-minute load average "
+            f"{min(loads):.1f}–{max(loads):.1f} on {s['cpu_count']} cores (before/after each "
+            "process), so single times are noisy; sharded and unsharded runs alternate to see "
+            "the same load."
+        )
+    if failures:
+        out += ["", "Failures (the error raised by `merge(..., mesh=k)`):", ""]
+        seen = {}
+        for mname, k, err in failures:
+            seen.setdefault((mname, err.splitlines()[0] if err else ""), []).append((k, err))
+        for (mname, _), items in seen.items():
+            first = items[0][1].strip().splitlines()
+            msg = " ".join(ln.strip() for ln in first if ln.strip())[:600]
+            ks_s = ", ".join(str(k) for k, _ in items)
+            out.append(f"- `{mname}` at k = {ks_s}: `{msg}`")
+    for k in ks:
+        if runs[k].get("error"):
+            out.append(f"- k = {k}: the process failed: `{runs[k]['error'][:300]}`")
+    lora = [(k, r) for k in ks for r in runs[k]["rows"] if "sharded_kernel_median_s" in r]
+    if lora:
+        k, r = lora[-1]
+        out += [
+            "",
+            f"`{r['method']}` at k = {k}, inputs already on the devices, timed apart in the "
+            f"same process: the jitted merge kernel {_fmt_s(r['sharded_kernel_median_s'])}; "
+            "the core space `merge` recomputes eagerly (op by op, outside `jit`) on the "
+            "split factors for its report "
+            f"{_fmt_s(r['sharded_report_cores_median_s'])}, against "
+            f"{_fmt_s(r['unsharded_median_s'])} for the whole unsharded merge.",
+        ]
+    out.append("")
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes, 2 repeats")
     p.add_argument("--render-only", action="store_true", help="re-render RESULTS.md")
-    p.add_argument("--only", default="karcher,end_to_end,lora,io_overlap")
+    p.add_argument("--only", default="karcher,end_to_end,lora,io_overlap,sharding")
     a = p.parse_args()
     py = compare_python()
     if not a.render_only:
@@ -336,6 +470,8 @@ def main():
         if "io_overlap" in parts:
             sizes = ["--size-mb", "50"] if a.quick else []
             part("io_overlap.py", "--repeats", reps, *sizes)
+        if "sharding" in parts:
+            part("sharding_speed.py", "--repeats", reps)
     text = render(py, a.quick)
     (HERE / "RESULTS.md").write_text(text)
     print(text)

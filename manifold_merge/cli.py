@@ -54,6 +54,7 @@ from manifold_merge.compilation import enable_compilation_cache
 from manifold_merge.io.hf import CheckpointWriter, copy_aux_files, open_checkpoint, parse_size
 from manifold_merge.io.hf import to_dtype as _to_dtype
 from manifold_merge.io.merge_config import ConfigError, MergePlan, load_merge_config
+from manifold_merge.io.planned import PlannedCheckpointWriter
 from manifold_merge.io.safetensors import (
     DTYPES,
     _umask,
@@ -63,6 +64,7 @@ from manifold_merge.io.safetensors import (
     replace_folder,
 )
 from manifold_merge.merging import merge, resolve_param
+from manifold_merge.sharding import leaf_spec
 
 PROG = "manifold-merge"
 POLICIES = ("error", "intersection", "union")
@@ -524,9 +526,28 @@ def _stage(views: dict, out_dtype: str | None) -> dict:
     return staged
 
 
-def _run_item(job: _Job, item: _Item, staged: dict | None = None) -> dict:
+def _global_input(view, mesh, out_dtype: str | None, flat: bool):
+    """A memory-mapped input as a global array on ``mesh`` (flattened with ``flat``), split by
+    :func:`~manifold_merge.sharding.leaf_spec`: each process reads from the file only the
+    slices its own devices hold (a slice of a memory map touches only its pages)."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    arr = np.asarray(view)
+    arr = arr.reshape(-1) if flat else arr
+    dtype = _read_dtype(arr, out_dtype)
+    sharding = NamedSharding(mesh, leaf_spec(arr.shape, mesh))
+    return jax.make_array_from_callback(
+        arr.shape, sharding, lambda index: np.ascontiguousarray(arr[index], dtype=dtype)
+    )
+
+
+def _run_item(job: _Job, item: _Item, staged: dict | None = None, mesh=None) -> dict:
     """Produce the output tensors of one item: ``{name: (array, report entry)}``; ``staged``
-    holds its inputs already read by :func:`_stage` (else they are read here)."""
+    holds its inputs already read by :func:`_stage` (else they are read here). With a
+    ``mesh`` the inputs are global arrays split over it (a tensor merged whole is flattened,
+    so that any tensor whose size divides by the devices is split) and so are the results:
+    nothing is gathered, :func:`_write_parts` writes each process's slices."""
     plan = job.plan
     out_dtype = plan.output_dtype
     if item.action == "copy":
@@ -547,11 +568,21 @@ def _run_item(job: _Job, item: _Item, staged: dict | None = None) -> dict:
     if item.group is None and not _is_float_tensor(job, item, key):
         return {key: _copy_exact(job, key, holders)}
     staged = staged or {}
+    granularity = resolve_param(plan.parameters.get("granularity", "tensor"), key, "granularity")
+    flat = granularity == "tensor" and not plan.spec.stat_shapes_free
 
     def read(src, nm):
+        reader = job.base if src == "base" else job.readers[src]
+        if mesh is not None:
+            return _global_input(reader.get(nm), mesh, out_dtype, flat)
         if (src, nm) in staged:
             return staged[src, nm]
-        return _read(job.base if src == "base" else job.readers[src], nm, out_dtype)
+        return _read(reader, nm, out_dtype)
+
+    def read_stat(reader, nm):
+        if mesh is not None and not plan.spec.stat_shapes_free:
+            return _global_input(reader.get(nm), mesh, None, flat)
+        return np.asarray(reader.get(nm))
 
     models = [{nm: read(i, nm) for nm in names} for i in holders]
     first_dtype = {nm: _np_dtype_name(job.info(holders[0], nm)[0]) for nm in names}
@@ -573,14 +604,14 @@ def _run_item(job: _Job, item: _Item, staged: dict | None = None) -> dict:
         if sname in job.stats[holders[0]]:
             params[sname] = [
                 {
-                    nm: np.asarray(job.stats[i][sname].get(nm))
+                    nm: read_stat(job.stats[i][sname], nm)
                     for nm in names
                     if nm in job.stats[i][sname]
                 }
                 for i in holders
             ]
     try:
-        result = merge(plan.method, models, base=base, weights=weights, **params)
+        result = merge(plan.method, models, base=base, weights=weights, mesh=mesh, **params)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
         msg = _name_models(_message(e), job, holders)
         if not any(repr(nm) in msg for nm in names):
@@ -588,10 +619,13 @@ def _run_item(job: _Job, item: _Item, staged: dict | None = None) -> dict:
         raise MergeFailure(msg) from None
     out = {}
     for nm in names:
-        arr = np.asarray(result.params[nm])
-        if arr.dtype.kind == "f" or str(arr.dtype) == "bfloat16":
-            arr = _to_dtype(arr, out_dtype or first_dtype[nm])
+        arr = result.params[nm]
+        if mesh is None:
+            arr = np.asarray(arr)
+            if arr.dtype.kind == "f" or str(arr.dtype) == "bfloat16":
+                arr = _to_dtype(arr, out_dtype or first_dtype[nm])
         entry = _leaf_json(result.report[nm])
+        entry["shape"] = list(job.info(holders[0], nm)[1])  # (a flattened input has (size,))
         if item.group is not None:
             entry["group"] = item.group
         if len(holders) != len(plan.models):
@@ -673,6 +707,9 @@ def _merge_checkpoints(args, plan: MergePlan, out: Path, notes: list[str]) -> in
         if args.dry_run:
             _print_plan(args, plan, job, out, n_tensors, shards)
             return 0
+        mesh = _mesh(args)
+        if mesh is not None:
+            return _merge_sharded(args, plan, job, out, notes, mesh, shard_size, n_tensors)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
@@ -736,6 +773,159 @@ def _merge_checkpoints(args, plan: MergePlan, out: Path, notes: list[str]) -> in
         + (f", {len(job.skipped)} skipped" if job.skipped else "")
         + ")"
     )
+    return 0
+
+
+def _mesh(args):
+    """The device mesh of ``--devices`` (joining a multi-host job first when asked), or None
+    for the single-device path."""
+    distributed = args.distributed or any(
+        v is not None for v in (args.coordinator_address, args.num_processes, args.process_id)
+    )
+    if args.devices is None and not distributed:
+        return None
+    import jax
+
+    from manifold_merge import sharding
+
+    if distributed:
+        sharding.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    if args.devices in (None, "all"):
+        count = None
+    else:
+        try:
+            count = int(args.devices)
+        except ValueError:
+            raise UsageError(f"--devices: a number or 'all', got {args.devices!r}") from None
+        if count < 1:
+            raise UsageError(f"--devices: must be at least 1, got {count}")
+    if count == 1 and jax.process_count() == 1:
+        return None
+    try:
+        return sharding.make_mesh(count)
+    except ValueError as e:
+        raise UsageError(f"--devices: {_message(e)}") from None
+
+
+def _planned_outputs(job: _Job) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, safetensors dtype, shape) of every output tensor in writing order: what the
+    single-device path writes (merged floats in the output dtype or the first model's)."""
+    out_dtype = job.plan.output_dtype
+    target = None if out_dtype is None else dtype_name(_out_np(out_dtype))
+    tensors = []
+    for item in job.items:
+        for name in item.names:
+            src = item.source or ("model", item.holders[0])
+            reader = job.base if src[0] == "base" else job.readers[src[1]]
+            dtype, shape = reader.info(name)
+            tensors.append((name, target if target and dtype in _FLOAT_NAMES else dtype, shape))
+    return tensors
+
+
+def _write_parts(writer: PlannedCheckpointWriter, name: str, arr, lead: bool) -> None:
+    """Write this process's part of output tensor ``name``: each slice of a global array held
+    by one of its devices (once: replica 0), converted to the planned dtype; a host array
+    (copies, integer tensors) only from the lead process."""
+    import jax
+
+    dtype = str(DTYPES[writer.info(name)[0]])
+    if not isinstance(arr, jax.Array):
+        if lead:
+            arr = np.asarray(arr)
+            floating = arr.dtype.kind == "f" or str(arr.dtype) == "bfloat16"
+            writer.write(name, _to_dtype(arr, dtype) if floating else arr)
+        return
+    row = math.prod(arr.shape[1:])
+    for shard in arr.addressable_shards:
+        if shard.replica_id != 0:
+            continue
+        index = shard.index
+        if any(ix != slice(None) and ix != slice(0, n) for ix, n in zip(index[1:], arr.shape[1:])):
+            raise MergeFailure(f"tensor {name!r}: only splits of the leading axis are written")
+        start = (index[0].start or 0) * row if arr.ndim else 0
+        writer.write(name, _to_dtype(np.asarray(shard.data), dtype), start)
+
+
+def _merge_sharded(args, plan, job, out: Path, notes, mesh, shard_size, n_tensors) -> int:
+    """``merge`` with ``--devices``: every tensor split over the mesh, read and written in
+    slices by the processes that hold them. The output folder is assembled under a temporary
+    name that every process derives alike, filled in place by all of them
+    (:class:`~manifold_merge.io.planned.PlannedCheckpointWriter`) and renamed by process 0
+    once all have finished."""
+    import jax
+    from jax.experimental.multihost_utils import sync_global_devices
+    from tqdm import tqdm
+
+    lead = jax.process_index() == 0
+    multi = jax.process_count() > 1
+    tensors = _planned_outputs(job)
+    tag = zlib.crc32(f"{os.path.abspath(args.config)}|{out.absolute()}".encode())
+    tmp = out.parent / f".{out.name}.tmp-sharded-{tag:08x}"
+    writer = None
+    try:
+        if lead:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed run's leftovers
+            tmp.mkdir()
+            os.chmod(tmp, 0o777 & ~_umask())
+            writer = PlannedCheckpointWriter(tmp, tensors, out_shard_size=shard_size)
+        if multi:
+            sync_global_devices("manifold_merge: output files created")
+        if not lead:
+            writer = PlannedCheckpointWriter(tmp, tensors, out_shard_size=shard_size, create=False)
+        entries: dict[str, dict] = {}
+        planned = {name: dtype for name, dtype, _ in tensors}
+        disable = args.no_progress or not sys.stderr.isatty() or not lead
+        with tqdm(total=job.in_bytes, unit="B", unit_scale=True, desc="merging",
+                  disable=disable, file=sys.stderr) as bar:  # fmt: skip
+            for item in job.items:
+                bar.set_postfix_str(item.group or item.names[0], refresh=False)
+                for nm, (arr, entry) in _run_item(job, item, mesh=mesh).items():
+                    _write_parts(writer, nm, arr, lead)
+                    entry["dtype"] = str(DTYPES[planned[nm]])
+                    entries[nm] = entry
+                    src = item.source or ("model", item.holders[0])
+                    reader = job.base if src[0] == "base" else job.readers[src[1]]
+                    bar.update(reader.nbytes(nm))
+        if not multi and writer.missing():  # one process writes everything
+            raise MergeFailure(f"internal error: tensors left unwritten: {writer.missing()[:5]}")
+        files = writer.close()
+        if multi:
+            sync_global_devices("manifold_merge: output written")
+        if lead:
+            src = _aux_source(plan)
+            aux = copy_aux_files(src, tmp) if os.path.isdir(src) else []
+            if args.report is not None:
+                report = _report_base(plan, args.config, args.tensor_policy)
+                report.update(
+                    tensors=entries,
+                    skipped=job.skipped,
+                    not_converged=[k for k, e in entries.items() if e.get("converged") is False],
+                    files=files,
+                    aux_files=aux,
+                    warnings=list(notes),
+                    devices=int(mesh.devices.size),
+                    processes=jax.process_count(),
+                )
+                _write_report(Path(args.report), out.absolute(), tmp, report)
+            replace_folder(tmp, out)
+        if multi:
+            sync_global_devices("manifold_merge: output in place")
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if lead:
+        size = sum(job.out_bytes)
+        print(
+            f"{PROG}: merged {n_tensors} tensors ({_human(size)}) with {plan.method} into "
+            f"{str(out)!r} ({len(files)} file(s), {mesh.devices.size} devices"
+            + (f", {jax.process_count()} processes" if multi else "")
+            + (f", {len(job.skipped)} skipped" if job.skipped else "")
+            + ")"
+        )
     return 0
 
 
@@ -928,6 +1118,32 @@ def _parser() -> argparse.ArgumentParser:
             "skip compilation (default $MM_CACHE_DIR/xla or ~/.cache/manifold_merge/xla)"
         ),
     )
+    m.add_argument(
+        "--devices",
+        metavar="N",
+        default=None,
+        help=(
+            "shard the merge over N devices (or 'all'): each tensor is split along its leading "
+            "axis (a tensor merged whole: its flattened elements), each host reads and writes "
+            "only its devices' slices; the output equals the single-device merge. On a CPU, "
+            "simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=N"
+        ),
+    )
+    m.add_argument(
+        "--distributed",
+        action="store_true",
+        help=(
+            "join a multi-host job with jax.distributed.initialize() (auto-detected on Cloud "
+            "TPU, SLURM, Open MPI; or give the three flags below, or MM_COORDINATOR_ADDRESS, "
+            "MM_NUM_PROCESSES, MM_PROCESS_ID); run the same command on every host"
+        ),
+    )
+    m.add_argument("--coordinator-address", metavar="HOST:PORT", default=None,
+                   help="multi-host: address of process 0's coordinator")  # fmt: skip
+    m.add_argument("--num-processes", metavar="P", type=int, default=None,
+                   help="multi-host: number of processes (hosts)")  # fmt: skip
+    m.add_argument("--process-id", metavar="I", type=int, default=None,
+                   help="multi-host: this process's index, 0..P-1")  # fmt: skip
     m.add_argument(
         "--no-compile-cache",
         action="store_true",

@@ -24,12 +24,12 @@ SEED = int(os.environ.get("MM_TEST_SEED", "0"))
 
 
 def models(rng, n=4):
-    """N fine-tuned models around a base: a kernel split along its rows (D = 24576, so
-    ``algorithm="auto"`` takes the Gram solver), a bias split too, and an embedding whose
-    leading axis does not divide by 8 (replicated). Task vectors hold ties: half of the
-    kernel's entries are rounded to one decimal."""
+    """N fine-tuned models around a base: a kernel split along its rows (D = 196608: 24576
+    per device, so the Gram solver's pass 1 loops over 3 column blocks on each), a bias split
+    too, and an embedding whose leading axis does not divide by 8 (replicated). Task vectors
+    hold ties: half of the kernel's entries are rounded to one decimal."""
     base = {
-        "kernel": rng.normal(size=(256, 96)).astype(np.float32),
+        "kernel": rng.normal(size=(512, 384)).astype(np.float32),
         "bias": rng.normal(size=(48,)).astype(np.float32),
         "emb": rng.normal(size=(30, 16)).astype(np.float32),
     }
@@ -37,7 +37,7 @@ def models(rng, n=4):
     for _ in range(n):
         m = {k: v + 0.3 * rng.normal(size=np.shape(v)).astype(np.float32) for k, v in base.items()}
         tv = m["kernel"] - base["kernel"]
-        tv[:128] = np.round(tv[:128], 1)
+        tv[:256] = np.round(tv[:256], 1)
         m["kernel"] = base["kernel"] + tv
         out.append(m)
     return base, out

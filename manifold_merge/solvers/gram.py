@@ -96,17 +96,20 @@ def _local_gram(axis, points, ref):
         return g.astype(jnp.float64)
 
     num_blocks, rest = divmod(d, GRAM_BLOCK)
-    k = jnp.zeros((n, n), jnp.float64)
-    if num_blocks == 1 and rest == 0:
+    # The sum starts from the first block (not from zeros), so that under shard_map the loop
+    # carry is a per-device value from the start.
+    if num_blocks == 0:
         k = block_gram(points)
-    elif num_blocks:
+    elif num_blocks == 1:
+        k = block_gram(points[:, :GRAM_BLOCK])
+    else:
 
         def body(i, acc):
             blk = jax.lax.dynamic_slice_in_dim(points, i * GRAM_BLOCK, GRAM_BLOCK, axis=1)
             return acc + block_gram(blk)
 
-        k = jax.lax.fori_loop(0, num_blocks, body, k)
-    if rest:
+        k = jax.lax.fori_loop(1, num_blocks, body, block_gram(points[:, :GRAM_BLOCK]))
+    if rest and num_blocks:
         k = k + block_gram(points[:, num_blocks * GRAM_BLOCK :])
     return psum(k, axis)
 

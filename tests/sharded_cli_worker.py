@@ -1,0 +1,101 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 simulated CPU devices: merges experts
+derived from the real all-MiniLM-L6-v2 checkpoint with ``manifold-merge merge`` on one device
+and with ``--devices 8``, and prints one JSON line per method comparing the two outputs.
+Usage: ``sharded_cli_worker.py MINILM_DIR WORK_DIR``. Not a test module."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from manifold_merge.cli import main
+from manifold_merge.io import CheckpointWriter, copy_aux_files, open_checkpoint
+
+SEED = int(os.environ.get("MM_TEST_SEED", "0"))
+
+
+def experts(minilm: str, root: Path) -> list[str]:
+    """Three experts: MiniLM plus small random task vectors (float tensors)."""
+    rng = np.random.default_rng(SEED)
+    paths = []
+    with open_checkpoint(minilm) as base:
+        for i in range(3):
+            folder = root / f"expert{i}"
+            folder.mkdir()
+            with CheckpointWriter(folder) as w:
+                for name in base.keys():
+                    x = np.asarray(base.get(name))
+                    if x.dtype.kind == "f":
+                        x = x + (0.01 * rng.standard_normal(x.shape)).astype(x.dtype)
+                    w.add(name, x)
+            copy_aux_files(minilm, folder)
+            paths.append(str(folder))
+    return paths
+
+
+def config(root: Path, models, base, method, extra=(), dtype="float32") -> str:
+    lines = [f"merge_method: {method}", f"dtype: {dtype}", f"base_model: {base}", "models:"]
+    for m, w in zip(models, [0.5, 0.3, 0.2]):
+        lines += [f"  - model: {m}", "    parameters:", f"      weight: {w}"]
+    lines += list(extra)
+    path = root / f"{method}-{dtype}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def compare(a: Path, b: Path) -> dict:
+    files_a = sorted(p.name for p in a.iterdir())
+    files_b = sorted(p.name for p in b.iterdir())
+    same_bytes = files_a == files_b and all(
+        (a / f).read_bytes() == (b / f).read_bytes() for f in files_a if f.endswith("safetensors")
+    )
+    worst, names = 0.0, 0
+    with open_checkpoint(str(a)) as ca, open_checkpoint(str(b)) as cb:
+        same_keys = list(ca.keys()) == list(cb.keys())
+        for name in ca.keys():
+            x = np.asarray(ca.get(name)).astype(np.float64)
+            y = np.asarray(cb.get(name)).astype(np.float64)
+            scale = max(1.0, float(np.max(np.abs(x)))) if x.size else 1.0
+            worst = max(worst, float(np.max(np.abs(x - y))) / scale if x.size else 0.0)
+            names += 1
+    return {
+        "files": files_a,
+        "same_files": files_a == files_b,
+        "same_bytes": same_bytes,
+        "same_keys": same_keys,
+        "tensors": names,
+        "max_rel_diff": worst,
+    }
+
+
+def run():
+    minilm, root = sys.argv[1], Path(sys.argv[2])
+    models = experts(minilm, root)
+    cases = [
+        ("linear", [], "float32", []),
+        ("ties", ["parameters:", "  density: 0.3"], "bfloat16", ["--out-shard-size", "30MB"]),
+        ("karcher", [], "float32", []),
+    ]
+    for method, extra, dtype, flags in cases:
+        cfg = config(root, models, minilm, method, extra, dtype)
+        single, sharded = root / f"{method}-single", root / f"{method}-sharded"
+        report = root / f"{method}-report.json"
+        rc1 = main(["merge", cfg, str(single), "--no-progress", *flags])
+        rc2 = main(
+            ["merge", cfg, str(sharded), "--no-progress", "--devices", "8", "--report",
+             str(report), *flags]
+        )  # fmt: skip
+        row = {"case": method, "rc": [rc1, rc2], **compare(single, sharded)}
+        rep = json.loads(report.read_text())
+        row["report_devices"] = rep.get("devices")
+        row["converged"] = not rep["not_converged"]
+        row["leftovers"] = sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    run()
