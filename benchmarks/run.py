@@ -319,9 +319,7 @@ def _render_io_overlap() -> list[str]:
 
 
 def _render_sharding() -> list[str]:
-    res, out = _section(
-        "results_sharding.json", "Sharded merges on simulated devices (`merge(..., mesh=k)`)"
-    )
+    res, out = _section("results_sharding.json", "Sharded merges on simulated CPU devices")
     if res is None:
         return out
     s = res["setup"]
@@ -392,8 +390,12 @@ def _render_sharding() -> list[str]:
         for r in runs[k]["rows"]
         if "error" not in r and r["method"] == "linear"
     ]
-    loads = [v for k in ks for v in (runs[k].get("load_1min_before"), runs[k].get("load_1min_after"))
-             if v is not None]  # fmt: skip
+    loads = [
+        v
+        for k in ks
+        for v in (runs[k].get("load_1min_before"), runs[k].get("load_1min_after"))
+        if v is not None
+    ]
     out += [""]
     out.append(
         "Max abs. diff.: the largest |sharded − unsharded| entry over the device counts "
@@ -408,17 +410,48 @@ def _render_sharding() -> list[str]:
         )
         + "."
     )
+    spec = res.get("lora_spectrum")
+    if spec:
+        out.append(
+            f"The summed LoRA update's singular values at the truncation to rank {lo['rank']} "
+            f"are {spec['sigma_r']:.3f} and {spec['sigma_r_plus_1']:.3f} (relative gap "
+            f"{spec['relative_gap']:.1e}): the truncated SVD's factors move by about float32 "
+            "rounding / gap, which is the size of the `lora_svd` difference."
+        )
     if baselines and len(baselines) > 1:
+        out.append("")
         out.append(
             f"The unsharded `linear` baseline ranged {_fmt_s(min(baselines))}–"
             f"{_fmt_s(max(baselines))} across the {len(baselines)} processes."
         )
     if loads:
+        out.append("")
         out.append(
-            f"The machine was shared with other work during the runs: 1-minute load average "
-            f"{min(loads):.1f}–{max(loads):.1f} on {s['cpu_count']} cores (before/after each "
-            "process), so single times are noisy; sharded and unsharded runs alternate to see "
-            "the same load."
+            (
+                "The machine was shared with other work during the runs: "
+                if max(loads) > s["cpu_count"] + 1
+                else ""
+            )
+            + f"1-minute load average {min(loads):.1f}–{max(loads):.1f} on {s['cpu_count']} "
+            "cores (before/after each process, this benchmark included); single times are "
+            "noisy, and sharded and unsharded runs alternate to see the same load. Per process "
+            "(before → after): "
+            + ", ".join(
+                f"k = {k}: {runs[k]['load_1min_before']:.1f} → {runs[k]['load_1min_after']:.1f}"
+                for k in ks
+                if runs[k].get("load_1min_before") is not None
+            )
+            + "."
+        )
+    lora_top = next(
+        (r for r in runs[kmax]["rows"] if r["method"].startswith("lora") and "error" not in r),
+        None,
+    )
+    if lora_top:
+        ts = lora_top["sharded_times_s"]
+        out.append(
+            f"The sharded `{lora_top['method']}` time grows with k and varied most between "
+            f"runs (k = {kmax}: {_fmt_s(min(ts))}–{_fmt_s(max(ts))}); where it goes:"
         )
     if failures:
         out += ["", "Failures (the error raised by `merge(..., mesh=k)`):", ""]

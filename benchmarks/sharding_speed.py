@@ -17,9 +17,10 @@ Inputs are NumPy arrays on the host (64-byte aligned, as the CLI stages them), s
 timings include handing the inputs to the devices. Times are medians of ``--repeats`` runs
 after one warm-up run (compilation, reported separately), each blocked on the output leaves
 (``jax.block_until_ready``); the sharded and unsharded runs alternate, so that both see the
-same load. The 1-minute load average before and after each subprocess is recorded. Also recorded: max |sharded - unsharded| (for LoRA on the merged
-update b a, whose factors are defined only up to signs, and on the factors themselves) and
-the per-device shard shapes of the sharded result.
+same load. The 1-minute load average before and after each subprocess is recorded. Also
+recorded: max |sharded - unsharded| (for LoRA on the merged update b a, whose factors are
+defined only up to signs, and on the factors themselves) and the per-device shard shapes of
+the sharded result.
 
 On a CPU the simulated devices share the machine's cores: this measures that the sharded
 merge is correct and what partitioning costs, not a speed-up.
@@ -86,6 +87,22 @@ def make_adapters(seed: int = 0):
     return out
 
 
+def lora_spectrum() -> dict:
+    """Singular values of the summed update sum_i b_i a_i around the truncation (float64, via
+    the core space): a truncated SVD's factors move by about rounding / relative gap, which
+    bounds how close a sharded and an unsharded ``lora_svd`` can be in float32."""
+    fs = make_adapters()
+    b = np.concatenate([f.b for f in fs], axis=1).astype(np.float64)
+    a = np.concatenate([f.a for f in fs], axis=0).astype(np.float64)
+    sv = np.linalg.svd(np.linalg.qr(b)[1] @ np.linalg.qr(a.T)[1].T, compute_uv=False)
+    r = LORA_R
+    return {
+        "sigma_r": float(sv[r - 1]),
+        "sigma_r_plus_1": float(sv[r]),
+        "relative_gap": float((sv[r - 1] - sv[r]) / sv[r - 1]),
+    }
+
+
 def _once(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -119,8 +136,7 @@ def lora_breakdown(adapters, k: int, kwargs: dict, repeats: int) -> dict:
 
     from manifold_merge.manifolds import LoraFactors  # noqa: PLC0415
     from manifold_merge.manifolds.lora import core_space  # noqa: PLC0415
-    from manifold_merge.merging import get_method  # noqa: PLC0415
-    from manifold_merge.merging import tree  # noqa: PLC0415
+    from manifold_merge.merging import get_method, tree  # noqa: PLC0415
     from manifold_merge.sharding import make_mesh, place  # noqa: PLC0415
 
     try:
@@ -210,7 +226,8 @@ def worker(k: int, repeats: int, breakdown: bool = False) -> dict:
         row["max_rel_diff"] = row["max_abs_diff"] / row["max_abs_unsharded"]
         rows.append(row)
         print(
-            f"sharding_speed: k={k} {row['method']}: sharded {row['sharded_median_s'] * 1e3:.1f} ms, "
+            f"sharding_speed: k={k} {row['method']}: "
+            f"sharded {row['sharded_median_s'] * 1e3:.1f} ms, "
             f"unsharded {row['unsharded_median_s'] * 1e3:.1f} ms, "
             f"max diff {row['max_abs_diff']:.1e}, shards {row['shard_shape']}",
             flush=True,
@@ -233,11 +250,11 @@ def spawn(k: int, repeats: int, timeout: int, breakdown: bool) -> dict:
         return {"devices": k, "error": f"did not finish in {timeout} s", "rows": []}
     load = {"load_1min_before": load_before, "load_1min_after": os.getloadavg()[0],
             "wall_s": time.perf_counter() - t0}  # fmt: skip
-    sys.stdout.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if not ln.startswith("{")))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    sys.stdout.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if ln not in lines))
     if proc.returncode != 0 or not lines:
-        return {"devices": k, "rows": [],
-                "error": f"worker failed (rc {proc.returncode}): {proc.stderr.strip()[-1500:]}"}  # fmt: skip
+        err = f"worker failed (rc {proc.returncode}): {proc.stderr.strip()[-1500:]}"
+        return {"devices": k, "rows": [], "error": err, **load}
     return {**json.loads(lines[-1]), **load}
 
 
@@ -269,6 +286,7 @@ def main():
             "cpu_count": os.cpu_count(),
         },
         "wall_s": time.perf_counter() - t0,
+        "lora_spectrum": lora_spectrum(),
         "runs": runs,
     }
     Path(a.out).write_text(json.dumps(result, indent=1))

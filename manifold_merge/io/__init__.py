@@ -40,6 +40,7 @@ from manifold_merge.io.peft import (
     read_peft_adapter,
     write_peft_adapter,
 )
+from manifold_merge.io.planned import PlannedCheckpointWriter
 from manifold_merge.io.safetensors import (
     SafetensorsFile,
     read_safetensors,
@@ -50,6 +51,7 @@ __all__ = [
     "CheckpointReader",
     "CheckpointWriter",
     "PeftAdapter",
+    "PlannedCheckpointWriter",
     "SafetensorsFile",
     "copy_aux_files",
     "flatten_params",
