@@ -196,16 +196,6 @@ def _pair_angle_max(vectors, norms):
     return jnp.max(jnp.stack(angles))
 
 
-_max_pair_angle = jax.jit(lambda v: _pair_angle_max(v, jnp.linalg.norm(v, axis=1)))
-
-
-def _spread(vectors: jax.Array) -> float:
-    """Largest pairwise angle between rows of (N, D) vectors (0 for N = 1 or zero rows)."""
-    if vectors.shape[0] < 2:
-        return 0.0
-    return float(_max_pair_angle(vectors))  # one device computation, not N^2 host round trips
-
-
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -489,12 +479,20 @@ def _run_lora(block_fn, factors, weights, key, params, mesh):
     lengths = (factors[0].b.shape[0], factors[0].a.shape[1])
     with split_parameter_axis(mesh, "lora", lengths):
         merged, info = block_fn(factors, weights, key, **dict(params))
+        # Report figures from the cores (Frobenius products of the updates, never m x n).
+        cores = jnp.stack([c.reshape(-1) for c in core_space(factors).cores()])
+    norms = jnp.linalg.norm(cores, axis=1)
+    figures = {
+        "mean_norm": jnp.mean(norms),
+        "out_norm": jnp.sqrt(jnp.sum((merged.b.T @ merged.b) * (merged.a @ merged.a.T))),
+        "spread": _pair_angle_max(cores, norms),
+    }
     if mesh is not None and merged.b.ndim == 2:
         merged = LoraFactors(
             jax.lax.with_sharding_constraint(merged.b, NamedSharding(mesh, _LORA_B)),
             jax.lax.with_sharding_constraint(merged.a, NamedSharding(mesh, _LORA_A)),
         )
-    return merged, info
+    return merged, info, figures
 
 
 #: Layouts of LoRA factors on a mesh: b (m, r) split along m, a (r, n) along n.
@@ -551,13 +549,10 @@ def _merge_lora_leaf(spec, name, fs, w, merged_params, key, mesh=None):
         if m % size == 0 and n % size == 0 and min(m, n) // size >= total_rank:
             split = mesh
             fs = [LoraFactors(place(f.b, mesh, _LORA_B), place(f.a, mesh, _LORA_A)) for f in fs]
-    merged, info = _run_lora(
+    merged, info, figures = _run_lora(
         spec.block_fn, fs, jnp.asarray(w, dtype), key, tuple(sorted(params.items())), split
     )
-    # Report figures from the cores (Frobenius products of the updates, never m x n).
-    cores = jnp.stack([c.reshape(-1) for c in core_space(fs).cores()])
-    mean_norm = float(jnp.mean(jnp.linalg.norm(cores, axis=1)))
-    out_norm = float(jnp.sqrt(jnp.sum((merged.b.T @ merged.b) * (merged.a @ merged.a.T))))
+    mean_norm, out_norm = float(figures["mean_norm"]), float(figures["out_norm"])
     rep = LeafReport(
         method=spec.name,
         shape=(int(m), int(n)),
@@ -566,7 +561,7 @@ def _merge_lora_leaf(spec, name, fs, w, merged_params, key, mesh=None):
         grad_norm=float(info["grad_norm"]) if "grad_norm" in info else 0.0,
         converged=bool(info["converged"]) if "converged" in info else True,
         norm_ratio=out_norm / mean_norm if mean_norm > 0 else 1.0,
-        angle_spread=_spread(cores),
+        angle_spread=float(figures["spread"]),
     )
     if dense:
         return (merged.b @ merged.a).astype(out_dtype), rep
