@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -206,7 +207,7 @@ def sharded_cli_rows(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return {r["case"]: r for r in rows}
+    return {"work": work, **{r["case"]: r for r in rows}}
 
 
 @pytest.mark.parametrize("method", ["linear", "ties", "karcher"])
@@ -224,3 +225,59 @@ def test_sharded_cli_merge_of_minilm_experts_equals_unsharded(sharded_cli_rows, 
         assert row["same_bytes"], method
     assert row["report_devices"] == DEVICES and row["converged"]
     assert row["leftovers"] == []  # no temporary folder left behind
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_cli_merge_equals_single_process(sharded_cli_rows):
+    """A multi-host launch on one machine: 2 processes x 4 simulated devices joined by
+    ``--coordinator-address/--num-processes/--process-id`` (JAX's distributed runtime, gloo
+    collectives). Each process reads and writes only its devices' slices; the output files
+    equal the single-process merge's byte for byte."""
+    work = sharded_cli_rows["work"]
+    single, out = work / "ties-single", work / "ties-2proc"
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "manifold_merge",
+                "merge",
+                str(work / "ties-bfloat16.yaml"),
+                str(out),
+                "--no-progress",
+                "--out-shard-size",
+                "30MB",
+                "--devices",
+                "all",
+                "--coordinator-address",
+                f"localhost:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=simulated(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (_, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr[-3000:]
+    assert "8 devices, 2 processes" in results[0][0]
+    assert "manifold-merge: merged" not in results[1][0]  # only process 0 reports
+    files = sorted(p.name for p in single.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == files
+    weights = [f for f in files if f.startswith("model")]
+    assert len(weights) == 3  # two shards and the index
+    for f in weights:
+        assert (out / f).read_bytes() == (single / f).read_bytes(), f
+    assert not [p for p in work.iterdir() if p.name.startswith(".")]
