@@ -11,8 +11,6 @@ imported, so each k needs its own process) and, on the same inputs (fixed seed),
   a: r x n), output rank 16;
 
 each once with ``mesh=k`` and once without a mesh (the unsharded baseline, same process).
-At the largest k, the sharded LoRA merge's time is also split into the jitted kernel and the
-eager work ``merge`` does around it for its report (``lora_breakdown``, 2 runs each).
 Inputs are NumPy arrays on the host (64-byte aligned, as the CLI stages them), so both
 timings include handing the inputs to the devices. Times are medians of ``--repeats`` runs
 after one warm-up run (compilation, reported separately), each blocked on the output leaves
@@ -127,42 +125,7 @@ def _shards(arr) -> list:
     return sorted({tuple(int(d) for d in s.data.shape) for s in arr.addressable_shards})
 
 
-def lora_breakdown(adapters, k: int, kwargs: dict, repeats: int) -> dict:
-    """Where a sharded LoRA merge's time goes, on inputs already placed on the mesh: the
-    jitted merge kernel alone (``tree._run_lora``, internal) and the eager recomputation of
-    the core space that ``merge`` does for its report (``core_space(fs).cores()``)."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    from manifold_merge.manifolds import LoraFactors  # noqa: PLC0415
-    from manifold_merge.manifolds.lora import core_space  # noqa: PLC0415
-    from manifold_merge.merging import get_method, tree  # noqa: PLC0415
-    from manifold_merge.sharding import make_mesh, place  # noqa: PLC0415
-
-    try:
-        mesh = make_mesh(k)
-        fs = [LoraFactors(place(f.b, mesh, tree._LORA_B), place(f.a, mesh, tree._LORA_A))
-              for f in adapters]  # fmt: skip
-        spec = get_method("lora_svd")
-        params = tuple(sorted({**spec.defaults, **kwargs}.items()))
-        w, key = jnp.ones(len(fs), jnp.float32), jax.random.key(0)
-
-        def kernel():
-            return jax.block_until_ready(tree._run_lora(spec.block_fn, fs, w, key, params, mesh))
-
-        def report():
-            return jax.block_until_ready(core_space(fs).cores())
-
-        (_, t_kernel, _), (_, t_report, _) = _timed_pair(kernel, report, repeats)
-    except Exception as e:  # noqa: BLE001 - internals may change; the main timing stands
-        return {"breakdown_error": f"{type(e).__name__}: {e}"[:500]}
-    return {
-        "sharded_kernel_median_s": float(np.median(t_kernel)),
-        "sharded_report_cores_median_s": float(np.median(t_report)),
-    }
-
-
-def worker(k: int, repeats: int, breakdown: bool = False) -> dict:
+def worker(k: int, repeats: int) -> dict:
     """Runs in the subprocess with k simulated devices."""
     import jax  # noqa: PLC0415
 
@@ -213,8 +176,6 @@ def worker(k: int, repeats: int, breakdown: bool = False) -> dict:
             row["shard_shape"] = {"b": _shards(out_s.b), "a": _shards(out_s.a)}
             row["spec"] = {"b": str(out_s.b.sharding.spec), "a": str(out_s.a.sharding.spec)}
             row["devices_used"] = len({s.device for s in out_s.b.addressable_shards})
-            if breakdown:
-                row.update(lora_breakdown(ms, k, kwargs, min(repeats, 2)))
         else:
             u, s = np.asarray(out_u["w"]), np.asarray(out_s["w"])
             row["max_abs_diff"] = float(np.max(np.abs(s - u)))
@@ -235,13 +196,13 @@ def worker(k: int, repeats: int, breakdown: bool = False) -> dict:
     return {"devices": k, "jax_devices": len(jax.devices()), "rows": rows}
 
 
-def spawn(k: int, repeats: int, timeout: int, breakdown: bool) -> dict:
+def spawn(k: int, repeats: int, timeout: int) -> dict:
     env = dict(os.environ)
     flag = f"--xla_force_host_platform_device_count={k}"
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
     env.setdefault("JAX_PLATFORMS", "cpu")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(k),
-           "--repeats", str(repeats), *(["--breakdown"] if breakdown else [])]  # fmt: skip
+           "--repeats", str(repeats)]  # fmt: skip
     print(f"sharding_speed: {k} device(s)", flush=True)
     load_before, t0 = os.getloadavg()[0], time.perf_counter()
     try:
@@ -265,14 +226,13 @@ def main():
     p.add_argument("--timeout", type=int, default=600, help="seconds per device count")
     p.add_argument("--out", default=str(HERE / "results_sharding.json"))
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--breakdown", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker is not None:
-        print(json.dumps(worker(a.worker, a.repeats, a.breakdown)), flush=True)
+        print(json.dumps(worker(a.worker, a.repeats)), flush=True)
         return 0
     t0 = time.perf_counter()
     ks = [int(k) for k in a.devices.split(",")]
-    runs = [spawn(k, a.repeats, a.timeout, breakdown=k == max(ks)) for k in ks]
+    runs = [spawn(k, a.repeats, a.timeout) for k in ks]
     result = {
         "setup": {
             "models": N_MODELS,

@@ -989,6 +989,16 @@ def _merge_adapters(args, plan: MergePlan, out: Path, notes: list[str]) -> int:
         )
     params = dict(plan.parameters)
     paths = [m.path for m in plan.models]
+    mesh = None if args.dry_run else _mesh(args)
+    if mesh is not None:
+        import jax
+
+        if jax.process_count() > 1:
+            raise UsageError(
+                "PEFT adapters are merged by one process (one small adapter file): run the "
+                "merge without the multi-host flags, with --devices N on one host"
+            )
+        params["mesh"] = mesh  # b split along m, a along n (see manifold_merge.sharding)
     if args.dry_run:
         adapters = [read_peft_adapter(p) for p in paths]
         print(f"{PROG}: dry run of {args.config!r} (nothing is written)")

@@ -95,6 +95,78 @@ def run():
         row["converged"] = not rep["not_converged"]
         row["leftovers"] = sorted(p.name for p in root.iterdir() if p.name.startswith("."))
         print(json.dumps(row), flush=True)
+    broken(root, minilm, models)
+    adapters(root)
+
+
+def broken(root: Path, minilm: str, models: list[str]) -> None:
+    """An expert with a NaN in one tensor: the sharded merge fails, naming the tensor, and
+    leaves neither the output folder nor its temporary folder behind."""
+    bad = root / "expert_nan"
+    bad.mkdir()
+    victim = "encoder.layer.3.attention.self.key.weight"
+    with open_checkpoint(models[0]) as src, CheckpointWriter(bad) as w:
+        for name in src.keys():
+            x = np.array(src.get(name))
+            if name == victim:
+                x[7, 11] = np.nan
+            w.add(name, x)
+    cfg = config(root, [models[0], str(bad), models[2]], minilm, "karcher", dtype="float32")
+    out = root / "nan-sharded"
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["merge", cfg, str(out), "--no-progress", "--devices", "8"])
+    row = {
+        "case": "nan",
+        "rc": rc,
+        "names_tensor": victim in err.getvalue() and "NaN" in err.getvalue(),
+        "out_exists": out.exists(),
+        "leftovers": sorted(p.name for p in root.iterdir() if p.name.startswith(".")),
+    }
+    print(json.dumps(row), flush=True)
+
+
+def adapters(root: Path) -> None:
+    """PEFT LoRA adapters (MiniLM-sized modules, 384 x 384, r = 8) merged with geomerge on one
+    device and with --devices 8 (b split along m, a along n): the merged updates agree to
+    float32 rounding (TSQR and one QR round differently; the float64 comparison of the same
+    path is in sharded_worker.py)."""
+    from manifold_merge.io import PeftAdapter, read_peft_adapter, write_peft_adapter
+    from manifold_merge.manifolds import LoraFactors
+
+    rng = np.random.default_rng(SEED + 1)
+    cfg = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["query", "value"],
+           "base_model_name_or_path": "all-MiniLM-L6-v2"}  # fmt: skip
+    paths = []
+    for i in range(3):
+        lora = {
+            f"base_model.model.encoder.layer.{k}.attention.self.{m}": LoraFactors(
+                (0.1 * rng.standard_normal((384, 8))).astype(np.float32),
+                rng.standard_normal((8, 384)).astype(np.float32),
+            )
+            for k in range(2)
+            for m in ("query", "value")
+        }
+        write_peft_adapter(root / f"adapter{i}", PeftAdapter(cfg, lora, {}))
+        paths.append(str(root / f"adapter{i}"))
+    lines = ["merge_method: geomerge", "models:"] + [f"  - model: {p}" for p in paths]
+    yaml_path = root / "adapters.yaml"
+    yaml_path.write_text("\n".join(lines) + "\n")
+    single, sharded = root / "adapters-single", root / "adapters-sharded"
+    rc1 = main(["merge", str(yaml_path), str(single), "--no-progress"])
+    rc2 = main(["merge", str(yaml_path), str(sharded), "--no-progress", "--devices", "8"])
+    a, b = read_peft_adapter(single), read_peft_adapter(sharded)
+    worst = 0.0
+    for m in a.lora:
+        da = np.asarray(a.lora[m].b, np.float64) @ np.asarray(a.lora[m].a, np.float64)
+        db = np.asarray(b.lora[m].b, np.float64) @ np.asarray(b.lora[m].a, np.float64)
+        worst = max(worst, float(np.max(np.abs(da - db)) / np.max(np.abs(da))))
+    row = {"case": "adapters", "rc": [rc1, rc2], "same_modules": set(a.lora) == set(b.lora),
+           "same_config": a.config == b.config, "max_rel_diff": worst}  # fmt: skip
+    print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -821,3 +821,29 @@ def test_no_prefetch_gives_the_same_bytes(zoo, capsys):
     assert run(capsys, cfg, a)[0] == 0
     assert run(capsys, cfg, b, "--no-prefetch")[0] == 0
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "devices, needle",
+    [
+        ("4", "xla_force_host_platform_device_count=4"),  # this process sees one CPU device
+        ("two", "a number or 'all'"),
+        ("0", "at least 1"),
+    ],
+)
+def test_devices_flag_errors_write_nothing(zoo, capsys, devices, needle):
+    cfg = {"merge_method": "linear", "models": models_entry(zoo["paths"], base=False)}
+    out = zoo["tmp"] / "out"
+    code, _, err = run(capsys, write_config(zoo["tmp"], cfg), out, "--devices", devices)
+    assert code == 2 and needle in err, err
+    assert not out.exists() and leftovers(zoo["tmp"]) == []
+
+
+def test_devices_1_is_the_single_device_merge(zoo, capsys):
+    cfg = {"merge_method": "ties", "base_model": zoo["paths"]["base"],
+           "models": models_entry(zoo["paths"]), "parameters": {"density": 0.5}}  # fmt: skip
+    config = write_config(zoo["tmp"], cfg)
+    assert run(capsys, config, zoo["tmp"] / "a")[0] == 0
+    assert run(capsys, config, zoo["tmp"] / "b", "--devices", "1")[0] == 0
+    a, b = load(zoo["tmp"] / "a"), load(zoo["tmp"] / "b")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
