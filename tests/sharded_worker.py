@@ -137,6 +137,9 @@ def main():
         ),
         "karcher_row": dict(method="karcher", kw={"granularity": "row", "max_iter": 300}),
         "fisher": dict(method="fisher", kw={}, stats=True),
+        "karcher_group": dict(
+            method="karcher", kw={"groups": {"g": ["kernel", "bias"]}}, base=True
+        ),
         "fisher_rao_karcher": dict(
             method="fisher_rao_karcher", kw={"max_iter": 300}, base=True, stats=True
         ),

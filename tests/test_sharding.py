@@ -76,7 +76,7 @@ BLOCK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", BLOCK_CASES)
+@pytest.mark.parametrize("case", [*BLOCK_CASES, "karcher_group"])
 def test_sharded_merge_equals_single_device(sharded_rows, case):
     row = sharded_rows[case]
     for leaf, diff in row["diff"].items():
