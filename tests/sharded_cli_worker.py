@@ -1,7 +1,8 @@
 """Run by tests/test_sharding.py in a subprocess with 8 simulated CPU devices: merges experts
 derived from the real all-MiniLM-L6-v2 checkpoint with ``manifold-merge merge`` on one device
 and with ``--devices 8``, and prints one JSON line per method comparing the two outputs.
-Usage: ``sharded_cli_worker.py MINILM_DIR WORK_DIR``. Not a test module."""
+Usage: ``sharded_cli_worker.py MINILM_DIR WORK_DIR [CASES]``, CASES a comma-separated subset
+of linear, ties, karcher, nan, adapters (default all but karcher). Not a test module."""
 
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ def compare(a: Path, b: Path) -> dict:
 
 def run():
     minilm, root = sys.argv[1], Path(sys.argv[2])
+    wanted = (sys.argv[3] if len(sys.argv) > 3 else "linear,ties,nan,adapters").split(",")
     models = experts(minilm, root)
     cases = [
         ("linear", [], "float32", []),
@@ -81,6 +83,8 @@ def run():
         ("karcher", [], "float32", []),
     ]
     for method, extra, dtype, flags in cases:
+        if method not in wanted:
+            continue
         cfg = config(root, models, minilm, method, extra, dtype)
         single, sharded = root / f"{method}-single", root / f"{method}-sharded"
         report = root / f"{method}-report.json"
@@ -95,8 +99,10 @@ def run():
         row["converged"] = not rep["not_converged"]
         row["leftovers"] = sorted(p.name for p in root.iterdir() if p.name.startswith("."))
         print(json.dumps(row), flush=True)
-    broken(root, minilm, models)
-    adapters(root)
+    if "nan" in wanted:
+        broken(root, minilm, models)
+    if "adapters" in wanted:
+        adapters(root)
 
 
 def broken(root: Path, minilm: str, models: list[str]) -> None:

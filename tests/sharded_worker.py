@@ -185,8 +185,9 @@ def main():
     # LoRA: b (m, r) split along m, a (r, n) along n. In float64: in float32 the core-space
     # pipeline (QR, SVD truncation, TIES thresholds in knots) rounds differently with a TSQR
     # than with one QR, by ~1e-6 of the update; float64 shows that the algorithms agree.
-    with jax.enable_x64(True):
-        lora_cases(rng)
+    if only is None or "lora" in only:
+        with jax.enable_x64(True):
+            lora_cases(rng)
     return 0
 
 
