@@ -749,19 +749,7 @@ def _merge_checkpoints(args, plan: MergePlan, out: Path, notes: list[str]) -> in
                             reader = job.base if src[0] == "base" else job.readers[src[1]]
                             bar.update(reader.nbytes(nm))
             files = writer.close()
-            src = _aux_source(plan)
-            aux = copy_aux_files(src, tmp) if os.path.isdir(src) else []
-            if args.report is not None:
-                report = _report_base(plan, args.config, args.tensor_policy)
-                report.update(
-                    tensors=entries,
-                    skipped=job.skipped,
-                    not_converged=[k for k, e in entries.items() if e.get("converged") is False],
-                    files=files,
-                    aux_files=aux,
-                    warnings=list(notes),
-                )
-                _write_report(Path(args.report), out.absolute(), tmp, report)
+            _finish_folder(args, plan, job, tmp, out, entries, files, notes)
             replace_folder(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -893,21 +881,8 @@ def _merge_sharded(args, plan, job, out: Path, notes, mesh, shard_size, n_tensor
         if multi:
             sync_global_devices("manifold_merge: output written")
         if lead:
-            src = _aux_source(plan)
-            aux = copy_aux_files(src, tmp) if os.path.isdir(src) else []
-            if args.report is not None:
-                report = _report_base(plan, args.config, args.tensor_policy)
-                report.update(
-                    tensors=entries,
-                    skipped=job.skipped,
-                    not_converged=[k for k, e in entries.items() if e.get("converged") is False],
-                    files=files,
-                    aux_files=aux,
-                    warnings=list(notes),
-                    devices=int(mesh.devices.size),
-                    processes=jax.process_count(),
-                )
-                _write_report(Path(args.report), out.absolute(), tmp, report)
+            extra = {"devices": int(mesh.devices.size), "processes": jax.process_count()}
+            _finish_folder(args, plan, job, tmp, out, entries, files, notes, extra)
             replace_folder(tmp, out)
         if multi:
             sync_global_devices("manifold_merge: output in place")
@@ -927,6 +902,24 @@ def _merge_sharded(args, plan, job, out: Path, notes, mesh, shard_size, n_tensor
             + ")"
         )
     return 0
+
+
+def _finish_folder(args, plan, job, tmp: Path, out: Path, entries, files, notes, extra=None):
+    """Complete the temporary output folder: the config and tokenizer files, the report."""
+    src = _aux_source(plan)
+    aux = copy_aux_files(src, tmp) if os.path.isdir(src) else []
+    if args.report is not None:
+        report = _report_base(plan, args.config, args.tensor_policy)
+        report.update(
+            tensors=entries,
+            skipped=job.skipped,
+            not_converged=[k for k, e in entries.items() if e.get("converged") is False],
+            files=files,
+            aux_files=aux,
+            warnings=list(notes),
+            **(extra or {}),
+        )
+        _write_report(Path(args.report), out.absolute(), tmp, report)
 
 
 def _close_all(job: _Job) -> None:

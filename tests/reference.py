@@ -160,7 +160,7 @@ def np_tsvd(x, rank):
     return (u[:, :rank] * s[:rank]) @ vt[:rank]
 
 
-def _np_prune(rows, density):
+def np_prune(rows, density):
     k = int(density * rows.shape[1])
     out = np.zeros_like(rows)
     for i, t in enumerate(rows):
@@ -187,7 +187,7 @@ def np_knots_ties(deltas, w, density, rank):
     k = int(np.sum(s > s[0] * 1e-10))
     u, s, vt = u[:, :k], s[:k], vt[:k]
     blocks = np.stack([vt[:, i * n : (i + 1) * n].reshape(-1) for i in range(len(deltas))])
-    merged = _np_disjoint_mean(_np_prune(blocks, density), np.asarray(w, np.float64))
+    merged = _np_disjoint_mean(np_prune(blocks, density), np.asarray(w, np.float64))
     return np_tsvd((u * s) @ merged.reshape(k, n), rank)
 
 
@@ -200,5 +200,15 @@ def np_ties_canonical(deltas, w, density, rank):
     v = np.linalg.svd(np.concatenate([d.T for d in deltas], axis=1), full_matrices=False)[0]
     v = v[:, :big_r]
     cores = np.stack([(u.T @ d @ v).reshape(-1) for d in deltas])
-    merged = _np_disjoint_mean(_np_prune(cores, density), np.asarray(w, np.float64))
+    merged = _np_disjoint_mean(np_prune(cores, density), np.asarray(w, np.float64))
     return np_tsvd(u @ merged.reshape(big_r, big_r) @ v.T, rank)
+
+
+def random_array(rng: np.random.Generator, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    """Random bit patterns (NaNs, infinities, subnormals included); 0/1 for bool."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape))
+    if dtype == np.bool_:
+        return rng.integers(0, 2, n).astype(bool).reshape(shape)
+    raw = rng.integers(0, 256, n * dtype.itemsize, dtype=np.uint8)
+    return raw.view(dtype).reshape(shape)

@@ -12,30 +12,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from minilm_experts import write_experts
 
 from manifold_merge.cli import main
-from manifold_merge.io import CheckpointWriter, copy_aux_files, open_checkpoint
+from manifold_merge.io import CheckpointWriter, open_checkpoint
 
 SEED = int(os.environ.get("MM_TEST_SEED", "0"))
-
-
-def experts(minilm: str, root: Path) -> list[str]:
-    """Three experts: MiniLM plus small random task vectors (float tensors)."""
-    rng = np.random.default_rng(SEED)
-    paths = []
-    with open_checkpoint(minilm) as base:
-        for i in range(3):
-            folder = root / f"expert{i}"
-            folder.mkdir()
-            with CheckpointWriter(folder) as w:
-                for name in base.keys():
-                    x = np.asarray(base.get(name))
-                    if x.dtype.kind == "f":
-                        x = x + (0.01 * rng.standard_normal(x.shape)).astype(x.dtype)
-                    w.add(name, x)
-            copy_aux_files(minilm, folder)
-            paths.append(str(folder))
-    return paths
 
 
 def config(root: Path, models, base, method, extra=(), dtype="float32") -> str:
@@ -76,7 +58,7 @@ def compare(a: Path, b: Path) -> dict:
 def run():
     minilm, root = sys.argv[1], Path(sys.argv[2])
     wanted = (sys.argv[3] if len(sys.argv) > 3 else "linear,ties,nan,adapters").split(",")
-    models = experts(minilm, root)
+    models = write_experts(minilm, root, np.random.default_rng(SEED))
     cases = [
         ("linear", [], "float32", []),
         ("ties", ["parameters:", "  density: 0.3"], "bfloat16", ["--out-shard-size", "30MB"]),

@@ -7,9 +7,10 @@ import os
 
 import numpy as np
 import pytest
+from minilm_experts import write_experts
 
 from manifold_merge.cli import main
-from manifold_merge.io import CheckpointWriter, copy_aux_files, open_checkpoint
+from manifold_merge.io import open_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +27,7 @@ def experts(minilm_path, tmp_path_factory):
     """Three fine-tune-like experts: MiniLM plus small random task vectors (float tensors)."""
     root = tmp_path_factory.mktemp("minilm_experts")
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
-    paths = []
-    with open_checkpoint(minilm_path) as base:
-        for i in range(3):
-            folder = root / f"expert{i}"
-            folder.mkdir()
-            with CheckpointWriter(folder, out_shard_size="40MB" if i == 1 else None) as w:
-                for name in base.keys():
-                    x = np.asarray(base.get(name))
-                    if x.dtype.kind == "f":
-                        x = x + (0.01 * rng.standard_normal(x.shape)).astype(x.dtype)
-                    w.add(name, x)
-            copy_aux_files(minilm_path, folder)
-            paths.append(str(folder))
-    return paths
+    return write_experts(minilm_path, root, rng, shard_sizes=[None, "40MB", None])
 
 
 def _config(tmp_path, models, weights, base=None, method="linear"):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import safetensors
 import safetensors.numpy
+from reference import random_array
 
 from manifold_merge.io import (
     CheckpointWriter,
@@ -37,16 +38,6 @@ from manifold_merge.io.safetensors import DTYPES, dtype_name
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 INDEX = "model.safetensors.index.json"
-
-
-def random_array(rng: np.random.Generator, dtype: np.dtype, shape: tuple) -> np.ndarray:
-    """Random bit patterns (NaNs, infinities, subnormals included); 0/1 for bool."""
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape))
-    if dtype == np.bool_:
-        return rng.integers(0, 2, n).astype(bool).reshape(shape)
-    raw = rng.integers(0, 256, n * dtype.itemsize, dtype=np.uint8)
-    return raw.view(dtype).reshape(shape)
 
 
 def random_tensors(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:

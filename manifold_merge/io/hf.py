@@ -424,6 +424,20 @@ def parse_size(size: str | int) -> int:
     return int(total)
 
 
+def refuse_weights_in(folder: Path) -> None:
+    """Create ``folder`` if missing; raise FileExistsError if it already holds weights
+    (``*.safetensors`` or ``*.index.json``), naming them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = sorted(
+        p.name for p in folder.iterdir() if p.name.endswith((".safetensors", ".index.json"))
+    )
+    if existing:
+        raise FileExistsError(
+            f"output folder {str(folder)!r} already holds weights "
+            f"({', '.join(existing)}); write into an empty folder"
+        )
+
+
 class CheckpointWriter:
     """Write a Hugging Face safetensors checkpoint tensor by tensor, sharded as transformers does.
 
@@ -476,17 +490,7 @@ class CheckpointWriter:
                 raise ValueError(f"out_shard_size must be positive, got {out_shard_size}")
         self.out_shard_size = out_shard_size
         self.metadata = {"format": "pt", **(metadata or {})}
-        self.folder.mkdir(parents=True, exist_ok=True)
-        existing = sorted(
-            p.name
-            for p in self.folder.iterdir()
-            if p.name.endswith((".safetensors", ".index.json"))
-        )
-        if existing:
-            raise FileExistsError(
-                f"output folder {str(self.folder)!r} already holds weights "
-                f"({', '.join(existing)}); write into an empty folder"
-            )
+        refuse_weights_in(self.folder)
         self._buffer: dict[str, np.ndarray] = {}
         self._buffer_bytes = 0
         self._shards: list[list[str]] = []  # names per written shard

@@ -29,6 +29,7 @@ from manifold_merge.io.hf import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     parse_size,
+    refuse_weights_in,
 )
 from manifold_merge.io.safetensors import (
     _LENGTH_BYTES,
@@ -287,17 +288,7 @@ class PlannedCheckpointWriter:
     # -- the files --------------------------------------------------------------------------
 
     def _lay_out(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        existing = sorted(
-            p.name
-            for p in self.folder.iterdir()
-            if p.name.endswith((".safetensors", ".index.json"))
-        )
-        if existing:
-            raise FileExistsError(
-                f"output folder {str(self.folder)!r} already holds weights "
-                f"({', '.join(existing)}); write into an empty folder"
-            )
+        refuse_weights_in(self.folder)
         try:
             for file, head, size in zip(self._shard_files, self._heads, self._sizes):
                 path = self.folder / file
