@@ -424,6 +424,17 @@ def parse_size(size: str | int) -> int:
     return int(total)
 
 
+def shard_limit(out_shard_size: int | str | None) -> int | None:
+    """An output shard size in bytes (an int, or a size for :func:`parse_size`), or None;
+    ValueError unless positive."""
+    if out_shard_size is None:
+        return None
+    size = parse_size(out_shard_size)
+    if size <= 0:
+        raise ValueError(f"out_shard_size must be positive, got {size}")
+    return size
+
+
 def refuse_weights_in(folder: Path) -> None:
     """Create ``folder`` if missing; raise FileExistsError if it already holds weights
     (``*.safetensors`` or ``*.index.json``), naming them."""
@@ -484,11 +495,7 @@ class CheckpointWriter:
         metadata: Mapping[str, str] | None = None,
     ):
         self.folder = Path(folder)
-        if out_shard_size is not None:
-            out_shard_size = parse_size(out_shard_size)
-            if out_shard_size <= 0:
-                raise ValueError(f"out_shard_size must be positive, got {out_shard_size}")
-        self.out_shard_size = out_shard_size
+        self.out_shard_size = shard_limit(out_shard_size)
         self.metadata = {"format": "pt", **(metadata or {})}
         refuse_weights_in(self.folder)
         self._buffer: dict[str, np.ndarray] = {}
@@ -602,10 +609,7 @@ class CheckpointWriter:
         candidates += [SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME]
         if self._files is None:
             for name in candidates:
-                try:
-                    (self.folder / name).unlink()
-                except FileNotFoundError:
-                    pass
+                (self.folder / name).unlink(missing_ok=True)
 
     def __enter__(self) -> CheckpointWriter:
         return self

@@ -28,8 +28,8 @@ from manifold_merge.io.hf import (
     _SHARD_NAME,
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
-    parse_size,
     refuse_weights_in,
+    shard_limit,
 )
 from manifold_merge.io.safetensors import (
     _LENGTH_BYTES,
@@ -187,11 +187,7 @@ class PlannedCheckpointWriter:
         create: bool = True,
     ):
         self.folder = Path(folder)
-        if out_shard_size is not None:
-            out_shard_size = parse_size(out_shard_size)
-            if out_shard_size <= 0:
-                raise ValueError(f"out_shard_size must be positive, got {out_shard_size}")
-        self.out_shard_size = out_shard_size
+        self.out_shard_size = shard_limit(out_shard_size)
         self.metadata = {"format": "pt", **(_check_metadata(metadata) or {})}
         self.create = bool(create)
         self._fds: list[int] = []
@@ -200,7 +196,7 @@ class PlannedCheckpointWriter:
         self._aborted = False
 
         specs = self._check_plan(tensors)
-        self._shards = plan_shards(((k, s.nbytes) for k, s in specs.items()), out_shard_size)
+        self._shards = plan_shards(((k, s.nbytes) for k, s in specs.items()), self.out_shard_size)
         n = len(self._shards)
         self._shard_files = (
             [SAFE_WEIGHTS_NAME]
@@ -478,10 +474,7 @@ class PlannedCheckpointWriter:
         finally:
             created, self._created = self._created, []
             for path in reversed(created):
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
+                path.unlink(missing_ok=True)
 
     def __enter__(self) -> PlannedCheckpointWriter:
         return self
