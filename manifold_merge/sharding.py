@@ -108,7 +108,7 @@ def leaf_spec(shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
 
     Example:
         >>> leaf_spec((4096, 1024), make_mesh(1))
-        PartitionSpec('params', None)
+        P('params', None)
     """
     size = mesh_size(mesh)
     if len(shape) == 0 or shape[0] % size != 0 or shape[0] < size:

@@ -42,18 +42,19 @@ def sharded_cli_rows(tmp_path_factory):
     return _cli_rows(tmp_path_factory)
 
 
-@pytest.mark.parametrize("method", ["linear", "ties"])
-def test_sharded_cli_merge_of_minilm_experts_equals_unsharded(sharded_cli_rows, method):
-    """``manifold-merge merge --devices 8`` on MiniLM-derived experts: same files, same
-    tensors byte for byte (TIES: bf16 output, 2 shards)."""
-    _check_cli(sharded_cli_rows[method])
+def test_sharded_cli_merge_of_minilm_experts_equals_unsharded(sharded_cli_rows):
+    """``manifold-merge merge --devices 8`` on MiniLM-derived experts (linear, bf16 output in
+    2 files): the same files, byte for byte."""
+    _check_cli(sharded_cli_rows["linear"])
 
 
 @pytest.mark.slow
-def test_sharded_cli_karcher_merge_of_minilm_experts(tmp_path_factory):
-    """karcher with --devices 8 (the Gram solver's sums ordered differently across devices):
-    to 1e-6 of each tensor's scale (measured ~5e-8)."""
-    _check_cli(_cli_rows(tmp_path_factory, "karcher")["karcher"])
+def test_sharded_cli_ties_and_karcher_merges_of_minilm_experts(tmp_path_factory):
+    """TIES (bf16 output) byte for byte; karcher (the Gram solver's sums ordered differently
+    across devices) to 1e-6 of each tensor's scale."""
+    rows = _cli_rows(tmp_path_factory, "ties,karcher")
+    _check_cli(rows["ties"])
+    _check_cli(rows["karcher"])
 
 
 def _check_cli(row):
@@ -96,7 +97,7 @@ def test_two_process_cli_merge_equals_single_process(sharded_cli_rows):
     collectives). Each process reads and writes only its devices' slices; the output files
     equal the single-process merge's byte for byte."""
     work = sharded_cli_rows["work"]
-    single, out = work / "ties-single", work / "ties-2proc"
+    single, out = work / "linear-single", work / "linear-2proc"
     port = _free_port()
     procs = [
         subprocess.Popen(
@@ -105,7 +106,7 @@ def test_two_process_cli_merge_equals_single_process(sharded_cli_rows):
                 "-m",
                 "manifold_merge",
                 "merge",
-                str(work / "ties-bfloat16.yaml"),
+                str(work / "linear-bfloat16.yaml"),
                 str(out),
                 "--no-progress",
                 "--out-shard-size",
