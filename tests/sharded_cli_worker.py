@@ -119,10 +119,10 @@ def broken(root: Path, minilm: str, models: list[str]) -> None:
 
 
 def adapters(root: Path) -> None:
-    """PEFT LoRA adapters (MiniLM-sized modules, 384 x 384, r = 8) merged with geomerge on one
-    device and with --devices 8 (b split along m, a along n): the merged updates agree to
-    float32 rounding (TSQR and one QR round differently; the float64 comparison of the same
-    path is in sharded_worker.py)."""
+    """PEFT LoRA adapters (MiniLM-sized modules, 384 x 384, r = 8) merged with core_space on
+    one device and with --devices 8 (b split along m, a along n, the core space by TSQR): the
+    merged updates agree to float32 rounding (a TSQR and one QR round differently; the float64
+    comparison of the same path is in sharded_worker.py)."""
     from manifold_merge.io import PeftAdapter, read_peft_adapter, write_peft_adapter
     from manifold_merge.manifolds import LoraFactors
 
@@ -141,7 +141,7 @@ def adapters(root: Path) -> None:
         }
         write_peft_adapter(root / f"adapter{i}", PeftAdapter(cfg, lora, {}))
         paths.append(str(root / f"adapter{i}"))
-    lines = ["merge_method: geomerge", "models:"] + [f"  - model: {p}" for p in paths]
+    lines = ["merge_method: core_space", "models:"] + [f"  - model: {p}" for p in paths]
     yaml_path = root / "adapters.yaml"
     yaml_path.write_text("\n".join(lines) + "\n")
     single, sharded = root / "adapters-single", root / "adapters-sharded"

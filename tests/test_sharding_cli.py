@@ -77,12 +77,12 @@ def test_sharded_cli_failure_names_the_tensor_and_leaves_nothing(sharded_cli_row
 
 
 def test_sharded_cli_merge_of_peft_adapters(sharded_cli_rows):
-    """geomerge of PEFT adapters with --devices 8 against one device: float32 rounding of a
-    TSQR against one QR (measured 2-3e-6 of the update on random adapters; the float64
-    comparison above shows the two agree to 1e-14)."""
+    """core_space of PEFT adapters with --devices 8 against one device: float32 rounding of a
+    TSQR against one QR (measured 1.4-1.9e-6 of the update over 5 seeds; the float64
+    comparison in test_sharding.py shows the two agree to 1e-14)."""
     row = sharded_cli_rows["adapters"]
     assert row["rc"] == [0, 0] and row["same_modules"] and row["same_config"]
-    assert row["max_rel_diff"] <= 2e-5, row["max_rel_diff"]
+    assert row["max_rel_diff"] <= 1e-5, row["max_rel_diff"]
 
 
 def _free_port() -> int:
