@@ -54,7 +54,7 @@ from manifold_merge.compilation import enable_compilation_cache
 from manifold_merge.io.hf import CheckpointWriter, copy_aux_files, open_checkpoint, parse_size
 from manifold_merge.io.hf import to_dtype as _to_dtype
 from manifold_merge.io.merge_config import ConfigError, MergePlan, load_merge_config
-from manifold_merge.io.planned import PlannedCheckpointWriter
+from manifold_merge.io.planned import PlannedCheckpointWriter, plan_shards
 from manifold_merge.io.safetensors import (
     DTYPES,
     _umask,
@@ -233,6 +233,12 @@ class _Job:
         m = self.plan.models[i]
         return f"{m.where} ({m.path!r})"
 
+    def source(self, item: _Item):
+        """The reader an item's output tensors are sized and (for copies) read from: the
+        copy's source, else the first model taking part."""
+        src = item.source or ("model", item.holders[0])
+        return self.base if src[0] == "base" else self.readers[src[1]]
+
     def info(self, i: int | None, name: str) -> tuple[str, tuple[int, ...]]:
         reader = self.base if i is None else self.readers[i]
         return reader.info(name)
@@ -368,8 +374,7 @@ def _prepare(job: _Job) -> None:
     out_dtype = plan.output_dtype
     for item in job.items:
         for name in item.names:
-            src = item.source or ("model", item.holders[0])
-            reader = job.base if src[0] == "base" else job.readers[src[1]]
+            reader = job.source(item)
             dtype, shape = reader.info(name)
             size = math.prod(shape)
             job.in_bytes += reader.nbytes(name)
@@ -431,21 +436,6 @@ def _check_stats(job: _Job) -> None:
 
 def _is_float_tensor(job: _Job, item: _Item, name: str) -> bool:
     return job.info(item.holders[0], name)[0] in _FLOAT_NAMES
-
-
-def _shard_count(sizes: list[int], limit: int | None) -> int:
-    """Shards the writer makes for these tensor sizes (its rule: close a shard before a tensor
-    that would overflow it)."""
-    if limit is None:
-        return 1
-    shards, current = 0, 0
-    for s in sizes:
-        if current and current + s > limit:
-            shards, current = shards + 1, 0
-        current += s
-        if current > limit:
-            shards, current = shards + 1, 0
-    return max(1, shards + (current > 0))
 
 
 # -- merging ------------------------------------------------------------------------------
@@ -552,7 +542,7 @@ def _run_item(job: _Job, item: _Item, staged: dict | None = None, mesh=None) -> 
     out_dtype = plan.output_dtype
     if item.action == "copy":
         name = item.names[0]
-        reader = job.base if item.source[0] == "base" else job.readers[item.source[1]]
+        reader = job.source(item)
         arr = np.asarray(reader.get(name))
         dtype, shape = reader.info(name)
         entry = {"method": "copy", "shape": list(shape), "reason": job.copied[name]}
@@ -703,7 +693,7 @@ def _merge_checkpoints(args, plan: MergePlan, out: Path, notes: list[str]) -> in
         stack.callback(_close_all, job)
         _prepare(job)
         n_tensors = sum(len(it.names) for it in job.items)
-        shards = _shard_count(job.out_bytes, shard_size)
+        shards = len(plan_shards(enumerate(job.out_bytes), shard_size))
         if args.dry_run:
             _print_plan(args, plan, job, out, n_tensors, shards)
             return 0
@@ -745,9 +735,7 @@ def _merge_checkpoints(args, plan: MergePlan, out: Path, notes: list[str]) -> in
                             writer.add(nm, arr)
                             entry["dtype"] = str(arr.dtype)
                             entries[nm] = entry
-                            src = item.source or ("model", item.holders[0])
-                            reader = job.base if src[0] == "base" else job.readers[src[1]]
-                            bar.update(reader.nbytes(nm))
+                            bar.update(job.source(item).nbytes(nm))
             files = writer.close()
             _finish_folder(args, plan, job, tmp, out, entries, files, notes)
             replace_folder(tmp, out)
@@ -803,8 +791,7 @@ def _planned_outputs(job: _Job) -> list[tuple[str, str, tuple[int, ...]]]:
     tensors = []
     for item in job.items:
         for name in item.names:
-            src = item.source or ("model", item.holders[0])
-            reader = job.base if src[0] == "base" else job.readers[src[1]]
+            reader = job.source(item)
             dtype, shape = reader.info(name)
             tensors.append((name, target if target and dtype in _FLOAT_NAMES else dtype, shape))
     return tensors
@@ -862,7 +849,6 @@ def _merge_sharded(args, plan, job, out: Path, notes, mesh, shard_size, n_tensor
         if not lead:
             writer = PlannedCheckpointWriter(tmp, tensors, out_shard_size=shard_size, create=False)
         entries: dict[str, dict] = {}
-        planned = {name: dtype for name, dtype, _ in tensors}
         disable = args.no_progress or not sys.stderr.isatty() or not lead
         with tqdm(total=job.in_bytes, unit="B", unit_scale=True, desc="merging",
                   disable=disable, file=sys.stderr) as bar:  # fmt: skip
@@ -870,11 +856,9 @@ def _merge_sharded(args, plan, job, out: Path, notes, mesh, shard_size, n_tensor
                 bar.set_postfix_str(item.group or item.names[0], refresh=False)
                 for nm, (arr, entry) in _run_item(job, item, mesh=mesh).items():
                     _write_parts(writer, nm, arr, lead)
-                    entry["dtype"] = str(DTYPES[planned[nm]])
+                    entry["dtype"] = str(DTYPES[writer.info(nm)[0]])
                     entries[nm] = entry
-                    src = item.source or ("model", item.holders[0])
-                    reader = job.base if src[0] == "base" else job.readers[src[1]]
-                    bar.update(reader.nbytes(nm))
+                    bar.update(job.source(item).nbytes(nm))
         if not multi and writer.missing():  # one process writes everything
             raise MergeFailure(f"internal error: tensors left unwritten: {writer.missing()[:5]}")
         files = writer.close()

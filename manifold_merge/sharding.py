@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 #: Name of the mesh axis the parameter axis is split over.
@@ -126,8 +127,6 @@ def place(x, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
         if x.sharding.is_equivalent_to(sharding, x.ndim):
             return x
         return jax.device_put(x, sharding)
-    import numpy as np
-
     arr = np.asarray(x)
     return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
 
